@@ -1,0 +1,79 @@
+"""The interface every anomaly model implements: one instance = one model slot.
+
+A model is split in two, as anomalib does:
+- a pure ``nn.Module`` with the math (``torch_model.py`` of each model), and
+- a thin LightningModule (this base class + ``lightning_model.py``) that says how it learns.
+
+The shared frozen backbone is a registered submodule so Lightning moves it with the
+slot, but it is left out of slot checkpoints (it is loaded once per run).
+
+Data flow for one slot:
+1. ``embed(tiles)``: frozen feature extraction, run exactly once per training tile
+   by the ensemble; its output is cached on the CPU (tensor or tuple of tensors).
+2. ``training_step(batch)``: ``batch`` is a batch of those cached embeddings.
+   Memory-bank and density models collect here and finish in ``on_train_end``.
+3. ``predict_tiles(tiles)``: tiles in [0, 1] -> (anomaly maps (B, th, tw), scores (B,)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tiled_hydra.backbone import FrozenBackbone
+
+BACKBONE_PREFIX = "backbone."
+
+
+class AnomalyModule(L.LightningModule):
+    """Base LightningModule for a model slot."""
+
+    #: False for models that only collect statistics (no optimizer, one pass over the data).
+    trainable: bool = False
+
+    def __init__(self, backbone: FrozenBackbone):
+        super().__init__()
+        self.backbone = backbone
+
+    # -- the three steps -----------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Frozen features of a batch of tiles in [0, 1]; the default is the backbone's stages."""
+        return tuple(self.backbone(tiles))
+
+    def training_step(self, batch: Any, batch_idx: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- Lightning plumbing shared by all models -----------------------------------------
+    def configure_optimizers(self):
+        return None
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0):
+        tiles = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.predict_tiles(tiles)
+
+    # -- slot checkpoints without the shared backbone ------------------------------------
+    def slot_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+
+    def load_slot_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.prepare_for_state(state)
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"slot checkpoint mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+
+    def prepare_for_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Resize buffers whose shape is only known after fitting (e.g. memory banks)."""
+        for name, value in state.items():
+            module_name, _, buffer_name = name.rpartition(".")
+            module: nn.Module = self.get_submodule(module_name) if module_name else self
+            if buffer_name in module._buffers and module._buffers[buffer_name] is not None:
+                if module._buffers[buffer_name].shape != value.shape:
+                    module._buffers[buffer_name] = torch.empty_like(value)
