@@ -1,0 +1,167 @@
+"""Train one model per slot, one slot after another, and predict tile by tile.
+
+A *slot* is a model together with the tile locations it serves: a tiled ensemble has
+one slot per location, a shared-tile setup one slot for all locations (tiles stacked
+batch-wise), a single model a 1x1 grid.  Only one slot is ever resident on the
+accelerator; trained slots live in per-slot checkpoints on disk, which also make an
+interrupted run resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.memory import PeakMemory
+from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+
+def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:
+    """Tile indices served by each slot: all tiles in one slot, or one slot per tile."""
+    tiles = list(range(grid.num_tiles))
+    return [tiles] if shared else [[t] for t in tiles]
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that determines a slot's weights, to refuse resuming a different run."""
+    keys = ("dataset", "backbone", "model", "setup", "seed")
+    content = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def iter_tile_batches(images: torch.Tensor, grid: TileGrid, tiles: list[int], tiles_per_batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (image slice, float tiles in [0, 1]) with about ``tiles_per_batch`` tiles each.
+
+    Tiles of one image batch are ordered image-major: (image 0: tiles..., image 1: tiles...).
+    """
+    per_batch = max(1, tiles_per_batch // len(tiles))
+    for start in range(0, len(images), per_batch):
+        chunk = slice(start, min(start + per_batch, len(images)))
+        tiled = grid.tile(images[chunk].float().div_(255))[:, tiles]
+        yield chunk, tiled.flatten(0, 1)
+
+
+@dataclass
+class SlotRunner:
+    """Trains and predicts the slots of one run."""
+
+    cfg: DictConfig
+    grid: TileGrid
+    backbone: FrozenBackbone
+    device: torch.device
+    checkpoint_dir: Path
+    trainer_kwargs: dict
+
+    def __post_init__(self) -> None:
+        self.slots = slot_tiles(self.grid, bool(self.cfg.setup.shared))
+        self.fingerprint = config_fingerprint(self.cfg)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- construction and checkpoints ----------------------------------------------------
+    def new_model(self, slot: int) -> AnomalyModule:
+        # Seeding per slot makes a resumed run identical to an uninterrupted one.
+        L.seed_everything(int(self.cfg.seed) + slot, workers=True, verbose=False)
+        return instantiate(self.cfg.model.net, backbone=self.backbone)
+
+    def checkpoint_path(self, slot: int) -> Path:
+        return self.checkpoint_dir / f"slot_{slot:03d}.pt"
+
+    def save(self, slot: int, model: AnomalyModule) -> None:
+        path = self.checkpoint_path(slot)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"fingerprint": self.fingerprint, "tiles": self.slots[slot], "state": model.slot_state_dict()}, tmp)
+        os.replace(tmp, path)  # atomic: a checkpoint on disk is always complete
+
+    def load(self, slot: int) -> AnomalyModule:
+        payload = torch.load(self.checkpoint_path(slot), map_location="cpu", weights_only=True)
+        if payload["fingerprint"] != self.fingerprint:
+            raise RuntimeError(
+                f"{self.checkpoint_path(slot)} was written by a different configuration; use a new hydra.run.dir"
+            )
+        model = self.new_model(slot)
+        model.load_slot_state_dict(payload["state"])
+        return model.eval()
+
+    def is_trained(self, slot: int) -> bool:
+        path = self.checkpoint_path(slot)
+        if not path.exists():
+            return False
+        return torch.load(path, map_location="cpu", weights_only=True)["fingerprint"] == self.fingerprint
+
+    # -- training ----------------------------------------------------------------------------
+    def train_all(self, images: torch.Tensor, on_slot: Callable[[int, int, str], None] | None = None) -> int:
+        """Fit every slot not trained yet; returns the peak memory of any one slot's training."""
+        peak = 0
+        for slot in range(len(self.slots)):
+            if self.is_trained(slot):
+                if on_slot:
+                    on_slot(slot, len(self.slots), "resumed")
+                continue
+            with PeakMemory(self.device) as memory:
+                model = self.fit_slot(slot, images)
+                self.save(slot, model)
+                del model
+                self.release()
+            peak = max(peak, memory.bytes)
+            if on_slot:
+                on_slot(slot, len(self.slots), "trained")
+        return peak
+
+    def fit_slot(self, slot: int, images: torch.Tensor) -> AnomalyModule:
+        model = self.new_model(slot).to(self.device)
+        batch_size = int(self.cfg.model.batch_size)
+        if getattr(model, "cache_embeddings", True):
+            # Frozen features are computed once per tile, not once per epoch.
+            parts = [model.embed(tiles.to(self.device)) for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)]
+            parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+            dataset = TensorDataset(*(torch.cat([p[i].cpu() for p in parts]) for i in range(len(parts[0]))))
+            del parts
+        else:
+            dataset = TensorDataset(torch.cat([t for _, t in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)]))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=model.trainable, drop_last=False)
+        trainer = L.Trainer(
+            max_epochs=int(self.cfg.model.max_epochs), max_steps=int(self.cfg.model.max_steps), **self.trainer_kwargs
+        )
+        trainer.fit(model, loader)
+        return model.cpu().eval()
+
+    def release(self) -> None:
+        """Give freed accelerator memory back so the next slot starts clean."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- prediction ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_all(self, images: torch.Tensor, map_sum: torch.Tensor, tile_scores: torch.Tensor) -> None:
+        """Predict every tile of ``images`` slot by slot, accumulating into preallocated buffers.
+
+        map_sum (N, H, W): sum of tile maps over overlapping tiles (divide by grid.coverage()).
+        tile_scores (N, T): score of every tile.
+        """
+        batch_size = int(self.cfg.model.batch_size)
+        for slot, tiles in enumerate(self.slots):
+            model = self.load(slot).to(self.device)
+            for chunk, batch in iter_tile_batches(images, self.grid, tiles, batch_size):
+                maps, scores = model.predict_tiles(batch.to(self.device))
+                maps = maps.float().cpu().view(-1, len(tiles), *maps.shape[-2:])
+                scores = scores.float().cpu().view(-1, len(tiles))
+                for k, tile in enumerate(tiles):
+                    self.grid.add_tile(map_sum[chunk], maps[:, k], tile)
+                    tile_scores[chunk, tile] = scores[:, k]
+            del model
+            self.release()

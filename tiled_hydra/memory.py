@@ -1,0 +1,57 @@
+"""Peak-memory measurement per stage.
+
+On CUDA: peak allocated accelerator memory (``torch.cuda.max_memory_allocated``), reset at
+the start of each stage.  On CPU there is no accelerator, so the figure is the process'
+resident memory (RSS) above its value when the stage started, sampled by a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import torch
+
+
+class PeakMemory:
+    """Context manager: ``with PeakMemory(device) as peak: ...; peak.bytes``."""
+
+    def __init__(self, device: torch.device | str, interval: float = 0.002):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "rss"
+
+    def __enter__(self) -> "PeakMemory":
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        process = psutil.Process()
+        self._baseline = process.memory_info().rss
+        self._peak = self._baseline
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, process.memory_info().rss)
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, psutil.Process().memory_info().rss)
+        self.bytes = int(self._peak - self._baseline)

@@ -1,0 +1,3 @@
+from tiled_hydra.models.padim.lightning_model import Padim
+
+__all__ = ["Padim"]

@@ -1,0 +1,57 @@
+"""PaDiM: one multivariate Gaussian per patch position of the feature grid (Defard et al., 2021)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiled_hydra.models.common import gaussian_blur, upsample
+
+
+def concat_stages(features: list[torch.Tensor]) -> torch.Tensor:
+    """Upsample every stage to the finest grid (nearest, as in PaDiM) and stack channels."""
+    size = features[0].shape[-2:]
+    return torch.cat([features[0]] + [F.interpolate(f, size=size, mode="nearest") for f in features[1:]], dim=1)
+
+
+class PadimModel(nn.Module):
+    """Per-patch Gaussian statistics and the Mahalanobis anomaly map."""
+
+    def __init__(self, total_channels: int, n_features: int, epsilon: float, blur_sigma: float):
+        super().__init__()
+        if n_features > total_channels:
+            raise ValueError(f"padim n_features={n_features} exceeds the backbone's {total_channels} channels")
+        self.epsilon = epsilon
+        self.blur_sigma = blur_sigma
+        # Random channel subset, drawn from the (seeded) global RNG and kept in the checkpoint.
+        self.register_buffer("channel_index", torch.randperm(total_channels)[:n_features].sort().values)
+        self.register_buffer("mean", torch.empty(0))  # (P, D)
+        self.register_buffer("inv_covariance", torch.empty(0))  # (P, D, D)
+
+    def reduce(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone stages -> embedding (B, D, h, w) of the selected channels."""
+        return concat_stages(features).index_select(1, self.channel_index)
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor) -> None:
+        """embeddings (N, D, h, w) -> mean and regularised inverse covariance per patch."""
+        n, d = embeddings.shape[:2]
+        if n < 2:
+            raise ValueError("padim needs at least 2 training tiles per model slot")
+        x = embeddings.flatten(2).permute(2, 0, 1).double()  # (P, N, D)
+        mean = x.mean(dim=1, keepdim=True)
+        centered = x - mean
+        covariance = centered.transpose(1, 2) @ centered / (n - 1)
+        covariance += self.epsilon * torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+        self.mean = mean.squeeze(1).float()
+        self.inv_covariance = torch.linalg.inv(covariance).float()
+
+    def forward(self, embedding: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding (B, D, h, w) -> anomaly map (B, H, W) and image score = max of the map."""
+        b, _, h, w = embedding.shape
+        delta = embedding.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (P, B, D)
+        squared = torch.einsum("pbd,pde,pbe->bp", delta, self.inv_covariance, delta).clamp_min(0)
+        maps = squared.sqrt().reshape(b, h, w)
+        maps = gaussian_blur(upsample(maps, output_size), self.blur_sigma)
+        return maps, maps.flatten(1).amax(dim=1)

@@ -1,0 +1,122 @@
+"""One run: data -> tiles -> slots -> merged predictions -> post-processing -> metrics -> report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tiled_hydra.backbone import build_backbone
+from tiled_hydra.data.base import AnomalyData, Split
+from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.errors import ConfigError, DataError
+from tiled_hydra.memory import PeakMemory
+from tiled_hydra.merge import merge_scores, smooth_seams
+from tiled_hydra.metrics import compute_metrics
+from tiled_hydra.postprocess import cross_fit, fit_postprocessor
+from tiled_hydra.report import write_overlays
+from tiled_hydra.tiling import TileGrid
+
+log = logging.getLogger("tiled_hydra")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator in ("gpu", "cuda"):
+        raise ConfigError("trainer.accelerator=gpu but CUDA is not available; use trainer.accelerator=cpu")
+    return torch.device("cpu")
+
+
+def check_config(cfg: DictConfig) -> None:
+    if "setup" not in cfg or cfg.setup is None:
+        raise ConfigError(f"no setup chosen: add +setup=NAME, NAME one of {', '.join(available('setup'))}")
+
+
+def predict_split(runner: SlotRunner, grid: TileGrid, split: Split, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged full-resolution maps (N, H, W) and image scores (N,) of one split."""
+    # Output buffers are allocated before the memory measurement starts: like host memory in
+    # the CUDA case, they hold results, not the working set of inference.
+    map_sum = torch.zeros(len(split), *grid.image_size)
+    tile_scores = torch.zeros(len(split), grid.num_tiles)
+    runner.predict_all(split.images, map_sum, tile_scores)
+    maps = map_sum.div_(grid.coverage())
+    smoothing = cfg.merge.seam_smoothing
+    if smoothing.enabled:
+        maps = smooth_seams(maps, grid, sigma=float(smoothing.sigma), width_fraction=float(smoothing.width_fraction))
+    return maps, merge_scores(tile_scores, cfg.merge.score)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    check_config(cfg)
+    device = resolve_device(str(cfg.trainer.accelerator))
+    grid = TileGrid.create(cfg.setup.image_size, cfg.setup.tile_size, cfg.setup.stride)
+    log.info("setup %s: %s image, %s tiles, stride %s -> %d tiles, %s", cfg.setup.name, grid.image_size,
+             grid.tile_size, grid.stride, grid.num_tiles, "one shared model" if cfg.setup.shared else "one model per tile")
+
+    data: AnomalyData = instantiate(cfg.dataset, image_size=list(grid.image_size))
+    if len(data.train) < 2:
+        raise DataError(f"{cfg.dataset.name}: need at least 2 training images, found {len(data.train)}")
+    log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val) if data.val else 0, len(data.test))
+
+    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
+    runner = SlotRunner(cfg, grid, backbone, device, run_dir / "checkpoints", trainer_kwargs)
+
+    def report_slot(slot: int, total: int, what: str) -> None:
+        log.info("slot %d of %d %s", slot + 1, total, what)
+
+    start = time.perf_counter()
+    train_peak = runner.train_all(data.train.images, report_slot)
+    train_seconds = time.perf_counter() - start
+
+    val_maps = val_scores = None
+    if data.val is not None:
+        val_maps, val_scores = predict_split(runner, grid, data.val, cfg)
+    start = time.perf_counter()
+    with PeakMemory(device) as infer_memory:
+        test_maps, test_scores = predict_split(runner, grid, data.test, cfg)
+    infer_seconds = time.perf_counter() - start
+
+    test = data.test
+    if data.val is not None:
+        post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
+        pred_labels, pred_masks = post.predict(test_scores, test_maps)
+        norm_maps = post.normalize_maps(test_maps)
+    else:
+        pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
+    metrics = compute_metrics(
+        test_scores, test.labels, pred_labels,
+        maps=test_maps if test.masks is not None else None, masks=test.masks,
+        pred_masks=pred_masks if test.masks is not None else None, fpr_limit=float(cfg.metrics.aupro_fpr_limit),
+    )
+    results = {
+        **metrics,
+        "train_peak_mem_bytes": int(train_peak),
+        "infer_peak_mem_bytes": int(infer_memory.bytes),
+        "mem_kind": infer_memory.kind,
+        "train_seconds": round(train_seconds, 3),
+        "infer_seconds": round(infer_seconds, 3),
+        "infer_images_per_second": round(len(test) / infer_seconds, 3),
+        "num_tiles": grid.num_tiles,
+        "num_models": len(runner.slots),
+        "setup": str(cfg.setup.name),
+        "model": str(cfg.model.name),
+        "backbone": str(cfg.backbone.name),
+        "dataset": str(cfg.dataset.name),
+        "category": str(cfg.dataset.category),
+        "seed": int(cfg.seed),
+    }
+    write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
+    return results
