@@ -19,11 +19,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.tiling import TileGrid
@@ -76,7 +76,7 @@ class SlotRunner:
     def new_model(self, slot: int) -> AnomalyModule:
         # Seeding per slot makes a resumed run identical to an uninterrupted one.
         L.seed_everything(int(self.cfg.seed) + slot, workers=True, verbose=False)
-        return instantiate(self.cfg.model.net, backbone=self.backbone)
+        return instantiate_checked(self.cfg.model.net, backbone=self.backbone)
 
     def checkpoint_path(self, slot: int) -> Path:
         return self.checkpoint_dir / f"slot_{slot:03d}.pt"
@@ -90,7 +90,7 @@ class SlotRunner:
     def load(self, slot: int) -> AnomalyModule:
         payload = torch.load(self.checkpoint_path(slot), map_location="cpu", weights_only=True)
         if payload["fingerprint"] != self.fingerprint:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{self.checkpoint_path(slot)} was written by a different configuration; use a new hydra.run.dir"
             )
         model = self.new_model(slot)

@@ -11,3 +11,16 @@ class ConfigError(TiledHydraError):
 
 class DataError(TiledHydraError):
     """A dataset that is missing, incomplete or unreadable."""
+
+
+def instantiate_checked(node, **kwargs):
+    """hydra's instantiate, but a user-facing error raised inside the target stays a one-line error."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, TiledHydraError):
+            raise err.__cause__ from None
+        raise

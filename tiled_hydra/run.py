@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.ensemble import SlotRunner
-from tiled_hydra.errors import ConfigError, DataError
+from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
@@ -38,6 +37,13 @@ def resolve_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
+def make_grid(setup: DictConfig) -> TileGrid:
+    try:
+        return TileGrid.create(setup.image_size, setup.tile_size, setup.stride)
+    except ValueError as err:
+        raise ConfigError(f"setup {setup.name}: {err}") from None
+
+
 def check_config(cfg: DictConfig) -> None:
     if "setup" not in cfg or cfg.setup is None:
         raise ConfigError(f"no setup chosen: add +setup=NAME, NAME one of {', '.join(available('setup'))}")
@@ -60,11 +66,11 @@ def predict_split(runner: SlotRunner, grid: TileGrid, split: Split, cfg: DictCon
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     check_config(cfg)
     device = resolve_device(str(cfg.trainer.accelerator))
-    grid = TileGrid.create(cfg.setup.image_size, cfg.setup.tile_size, cfg.setup.stride)
+    grid = make_grid(cfg.setup)
     log.info("setup %s: %s image, %s tiles, stride %s -> %d tiles, %s", cfg.setup.name, grid.image_size,
              grid.tile_size, grid.stride, grid.num_tiles, "one shared model" if cfg.setup.shared else "one model per tile")
 
-    data: AnomalyData = instantiate(cfg.dataset, image_size=list(grid.image_size))
+    data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
     if len(data.train) < 2:
         raise DataError(f"{cfg.dataset.name}: need at least 2 training images, found {len(data.train)}")
     log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val) if data.val else 0, len(data.test))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiled_hydra.errors import ConfigError
 from tiled_hydra.models.common import gaussian_blur, upsample
 
 
@@ -21,7 +22,7 @@ class PadimModel(nn.Module):
     def __init__(self, total_channels: int, n_features: int, epsilon: float, blur_sigma: float):
         super().__init__()
         if n_features > total_channels:
-            raise ValueError(f"padim n_features={n_features} exceeds the backbone's {total_channels} channels")
+            raise ConfigError(f"padim n_features={n_features} exceeds the backbone's {total_channels} channels")
         self.epsilon = epsilon
         self.blur_sigma = blur_sigma
         # Random channel subset, drawn from the (seeded) global RNG and kept in the checkpoint.

@@ -1,0 +1,49 @@
+"""Every setup x model x backbone composes; every model x backbone instantiates."""
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import choices
+from tiled_hydra.backbone import build_backbone
+from tiled_hydra.tiling import TileGrid
+
+SETUPS = ["sm256", "sm512", "st4", "st9", "ens4", "ens9"]
+PAPER_GRID = {"sm256": (1, 1), "sm512": (1, 1), "st4": (4, 1), "st9": (9, 1), "ens4": (4, 4), "ens9": (9, 9)}
+
+
+def test_all_six_setups_exist():
+    assert set(SETUPS) <= set(choices("setup"))
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("model", choices("model"))
+@pytest.mark.parametrize("backbone", choices("backbone"))
+def test_composes(compose_cfg, setup, model, backbone):
+    cfg = compose_cfg([f"+setup={setup}", f"model={model}", f"backbone={backbone}"])
+    assert cfg.setup.name == setup and cfg.model.name == model and cfg.backbone.name == backbone
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_setups_have_the_papers_tiles_and_models(compose_cfg, setup):
+    cfg = compose_cfg([f"+setup={setup}"])
+    grid = TileGrid.create(cfg.setup.image_size, cfg.setup.tile_size, cfg.setup.stride)
+    tiles, models = PAPER_GRID[setup]
+    assert grid.num_tiles == tiles
+    assert (1 if cfg.setup.shared else grid.num_tiles) == models
+
+
+@pytest.mark.parametrize("model", choices("model"))
+@pytest.mark.parametrize("backbone", choices("backbone"))
+def test_instantiates(compose_cfg, model, backbone):
+    # Paper backbones have no offline weights: random weights keep this test offline.
+    cfg = compose_cfg([f"model={model}", f"backbone={backbone}", "backbone.weights=none"])
+    net = build_backbone(**OmegaConf.to_container(cfg.backbone), layers=list(cfg.model.net.layers))
+    module = instantiate(cfg.model.net, backbone=net)
+    assert module.backbone is net
+
+
+def test_overrides_reach_the_setup(compose_cfg):
+    cfg = compose_cfg(["+setup=ens9", "setup.image_size=1024"])
+    assert TileGrid.create(cfg.setup.image_size, cfg.setup.tile_size, cfg.setup.stride).num_tiles == 49
