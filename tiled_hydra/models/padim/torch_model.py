@@ -35,18 +35,27 @@ class PadimModel(nn.Module):
         return concat_stages(features).index_select(1, self.channel_index)
 
     @torch.no_grad()
-    def fit(self, embeddings: torch.Tensor) -> None:
-        """embeddings (N, D, h, w) -> mean and regularised inverse covariance per patch."""
+    def fit(self, embeddings: torch.Tensor, patches_per_chunk: int = 1024) -> None:
+        """embeddings (N, D, h, w) -> mean and regularised inverse covariance per patch.
+
+        Patches are processed in chunks so the float64 working copy stays small even when
+        a shared slot sees every tile of every image.
+        """
         n, d = embeddings.shape[:2]
         if n < 2:
-            raise ValueError("padim needs at least 2 training tiles per model slot")
-        x = embeddings.flatten(2).permute(2, 0, 1).double()  # (P, N, D)
-        mean = x.mean(dim=1, keepdim=True)
-        centered = x - mean
-        covariance = centered.transpose(1, 2) @ centered / (n - 1)
-        covariance += self.epsilon * torch.eye(d, dtype=covariance.dtype, device=covariance.device)
-        self.mean = mean.squeeze(1).float()
-        self.inv_covariance = torch.linalg.inv(covariance).float()
+            raise ConfigError("padim needs at least 2 training tiles per model slot")
+        flat = embeddings.flatten(2)  # (N, D, P)
+        eye = self.epsilon * torch.eye(d, dtype=torch.float64, device=flat.device)
+        means, inverses = [], []
+        for start in range(0, flat.shape[-1], patches_per_chunk):
+            x = flat[..., start : start + patches_per_chunk].permute(2, 0, 1).double()  # (p, N, D)
+            mean = x.mean(dim=1, keepdim=True)
+            centered = x - mean
+            covariance = centered.transpose(1, 2) @ centered / (n - 1) + eye
+            means.append(mean.squeeze(1).float())
+            inverses.append(torch.linalg.inv(covariance).float())
+        self.mean = torch.cat(means)
+        self.inv_covariance = torch.cat(inverses)
 
     def forward(self, embedding: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding (B, D, h, w) -> anomaly map (B, H, W) and image score = max of the map."""
