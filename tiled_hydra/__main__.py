@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ log = logging.getLogger("tiled_hydra")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    # Re-running a sweep into the same hydra.sweep.dir skips the jobs that already finished:
+    # results.json is written last, so its presence means the job completed.
+    done = Path(HydraConfig.get().runtime.output_dir) / "results.json"
+    if cfg.get("skip_completed", False) and done.exists():
+        log.info("skipped: %s exists (skip_completed=false runs it again)", done)
+        return json.loads(done.read_text())
+
     # Imports inside: `--help` and config errors answer without loading torch.
     from tiled_hydra.report import print_table, write_json_atomic
     from tiled_hydra.run import check_config, run
