@@ -1,0 +1,173 @@
+"""`tiled_hydra.compare` on hand-made results with known values; `tiled_hydra.datastats` on a tiny tree.
+
+The real sweep -> compare path (results.json and W&B offline runs) is in test_sweeps.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_run import write_mvtec
+from tiled_hydra import compare as cmp
+from tiled_hydra import datastats
+
+REPO = Path(__file__).resolve().parent.parent
+
+# image AUROC per (setup, model, category, seed); pixel AUPRO = AUROC - 0.1 everywhere.
+AUROC = {
+    ("sm256", "padim"): {"a": (0.80, 0.82), "b": (0.90, 0.92)},  # seed means 0.85, 0.87 -> 86.0 ± 1.4
+    ("ens9", "padim"): {"a": (0.90, 0.90), "b": (0.96, 0.98)},  # 0.93, 0.94 -> 93.5 ± 0.7 (best)
+    ("st4", "padim"): {"a": (0.70, 0.70), "b": (0.70, 0.70)},  # 70.0 ± 0.0
+    ("sm256", "patchcore"): {"a": (0.95, 0.95), "b": (0.95, 0.95)},  # 95.0 (tie: both best)
+    ("ens9", "patchcore"): {"a": (0.95, 0.95), "b": (0.95, 0.95)},
+    ("st4", "patchcore"): {"a": (0.90, 0.90), "b": (0.90, 0.90)},  # second best
+}
+
+
+def fake_run(setup: str, model: str, category: str, seed: int, auroc: float, **extra) -> dict:
+    return {
+        "image_AUROC": auroc, "pixel_AUPRO": round(auroc - 0.1, 6), "pixel_AUROC": auroc, "image_F1": 0.5, "pixel_F1": 0.5,
+        "train_peak_mem_bytes": (100 + 10 * len(setup)) * 2**20, "infer_peak_mem_bytes": 50 * 2**20, "mem_kind": "rss",
+        "train_seconds": 1.0, "infer_seconds": 1.0, "infer_images_per_second": 10.0,
+        "num_tiles": 9 if setup.endswith("9") else 4 if setup.endswith("4") else 1,
+        "num_models": 9 if setup == "ens9" else 1, "setup": setup, "model": model, "backbone": "resnet18",
+        "dataset": "mvtec", "category": category, "seed": seed, **extra,
+    }
+
+
+def write_job(root: Path, results: dict, config: dict | None = None, tag: str = "") -> Path:
+    name = ",".join(f"{k}={results[k]}" for k in ("setup", "model", "category", "seed"))
+    job = root / f"{name},{tag}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps(results))
+    if config is not None:
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    return job
+
+
+@pytest.fixture
+def hand_made(tmp_path) -> Path:
+    root = tmp_path / "multirun"
+    for (setup, model), by_category in AUROC.items():
+        for category, values in by_category.items():
+            for seed, value in enumerate(values):
+                write_job(root, fake_run(setup, model, category, seed, value),
+                          {"setup": {"name": setup, "image_size": 512, "tile_size": 256}, "study": "paper_grid"})
+    # A resolution-study run must stay out of the tables even though its setup is named sm256.
+    write_job(root, fake_run("sm256", "padim", "a", 0, 0.10),
+              {"setup": {"name": "sm256", "image_size": 1024, "tile_size": "${setup.image_size}"}, "study": "resolution"}, tag="r1024")
+    return root
+
+
+def test_table_mean_std_over_seeds_and_marks(hand_made, tmp_path):
+    result = cmp.compare([str(hand_made)], tmp_path / "out")
+    (table,) = result["tables"]
+    assert table.rows == [("sm256",), ("st4",), ("ens9",)]  # paper order, only the setups present
+    assert table.columns == ["patchcore", "padim"]  # paper column order
+
+    sm = table.get(("sm256",), "padim", "image_AUROC")
+    assert sm.mean == pytest.approx(0.86) and sm.std == pytest.approx(0.0141421, abs=1e-6)
+    assert (sm.n_seeds, sm.n_categories, sm.n_runs) == (2, 2, 4)
+    assert cmp.percent(sm) == "86.0 ± 1.4"
+    assert table.get(("sm256",), "padim", "pixel_AUPRO").mean == pytest.approx(0.76)
+
+    marks = {row[0]: table.get(row, "padim", "image_AUROC").mark for row in table.rows}
+    assert marks == {"ens9": cmp.BEST, "sm256": cmp.SECOND, "st4": 0}
+    marks = {row[0]: table.get(row, "patchcore", "image_AUROC").mark for row in table.rows}
+    assert marks == {"sm256": cmp.BEST, "ens9": cmp.BEST, "st4": cmp.SECOND}  # a tie shares the mark
+
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "| ens9 | **95.0 ± 0.0** / **85.0 ± 0.0** | **93.5 ± 0.7** / **83.5 ± 0.7** |" in markdown
+    assert "| st4 | _90.0 ± 0.0_ / _80.0 ± 0.0_ | 70.0 ± 0.0 / 60.0 ± 0.0 |" in markdown
+    assert "| sm256 | **95.0 ± 0.0** / **85.0 ± 0.0** | _86.0 ± 1.4_ / _76.0 ± 1.4_ |" in markdown
+
+    rows = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
+    row = next(r for r in rows if r["setup"] == "sm256" and r["model"] == "padim" and r["metric"] == "image_AUROC")
+    assert float(row["mean_percent"]) == pytest.approx(86.0) and float(row["std_percent"]) == pytest.approx(1.414, abs=1e-3)
+    assert row["mark"] == "second" and row["n_runs"] == "4"
+
+
+def test_per_category_table_marks_within_each_category(hand_made, tmp_path):
+    result = cmp.compare([str(hand_made)], tmp_path / "out")
+    (table,) = result["per_category"]
+    assert table.rows[:3] == [("a", "sm256"), ("a", "st4"), ("a", "ens9")]
+    a_sm = table.get(("a", "sm256"), "padim", "image_AUROC")
+    assert a_sm.mean == pytest.approx(0.81) and a_sm.std == pytest.approx(0.0141421, abs=1e-6)
+    assert table.get(("a", "ens9"), "padim", "image_AUROC").mark == cmp.BEST
+    assert table.get(("b", "ens9"), "padim", "image_AUROC").mark == cmp.BEST
+    text = (tmp_path / "out" / "per_category.md").read_text()
+    assert "| a | sm256 |" in text and "| b | ens9 |" in text
+
+
+def test_figures_from_hand_made_runs_and_skips_with_notes(hand_made, tmp_path):
+    result = cmp.compare([str(hand_made)], tmp_path / "out")
+    names = {Path(f).name for f in result["files"]}
+    assert {"fig5_memory.png", "fig6_resolution.png"} <= names  # memory in every run; one resolution run
+    notes = " ".join(result["notes"])
+    assert "Fig. 7 skipped" in notes and "datastats" in notes
+    assert "Fig. 8 skipped" in notes and "latency_ms" in notes
+    assert not (tmp_path / "out" / "fig8_latency_throughput.png").exists()
+
+
+def test_all_four_figures_with_speed_and_defect_sizes(tmp_path):
+    root = tmp_path / "multirun"
+    for setup in ("sm256", "ens9"):
+        for category in ("a", "b", "c"):
+            write_job(root, fake_run(setup, "padim", category, 0, 0.9, latency_ms=12.0, throughput_images_per_second=80.0,
+                                     throughput_batch_size=8))
+    for size in (256, 512):
+        for setup, tile in ((f"sm{size}", size), (f"ens{size}_tile256", 256)):
+            write_job(root, fake_run(setup, "padim", "a", 0, 0.8),
+                      {"setup": {"name": setup, "image_size": size, "tile_size": tile}, "study": "resolution"}, tag=f"res{size}")
+    stats = tmp_path / "datastats.json"
+    stats.write_text(json.dumps({f"mvtec/{c}": {"dataset": "mvtec", "category": c, "defect_share": s}
+                                 for c, s in (("a", 0.002), ("b", 0.02), ("c", 0.1))}))
+    result = cmp.compare([str(root)], tmp_path / "out", datastats=stats)
+    names = sorted(Path(f).name for f in result["files"] if str(f).endswith(".png"))
+    assert names == ["fig5_memory.png", "fig6_resolution.png", "fig7_defect_size.png", "fig8_latency_throughput.png"]
+    assert not result["notes"]
+
+
+def run_compare(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "tiled_hydra.compare", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/does/not/exist", "no such directory"),
+    ("EMPTY", "no results.json and no W&B offline run"),
+    ("nobody/no_project", "cannot read W&B project nobody/no_project"),
+])
+def test_bad_source_is_one_line(tmp_path, source, message):
+    if source == "EMPTY":
+        source = str(tmp_path)
+    proc = run_compare(source, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_datastats_defect_share_of_a_tiny_tree(tmp_path):
+    # write_mvtec: 3 defective 64x64 images, each with one 8x8 defect -> 64 / 4096 = 1.5625 %.
+    root = write_mvtec(tmp_path / "data", n_train=2, n_good=1, n_bad=3)
+    out = tmp_path / "stats.json"
+    datastats.main(["dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "--image-size", "64", "--out", str(out)])
+    entry = json.loads(out.read_text())["mvtec/widget"]
+    assert entry["defect_share"] == pytest.approx(64 / 4096)
+    assert entry["defective_images"] == 3
+    assert cmp_figures_stats(out) == {("mvtec", "widget"): pytest.approx(64 / 4096)}
+
+
+def cmp_figures_stats(path: Path) -> dict:
+    from tiled_hydra.figures import load_datastats
+
+    return load_datastats(path)
