@@ -1,0 +1,54 @@
+"""PaDiM with incremental truncated PCA as a model slot: fixed memory during training.
+
+Unlike PaDiM, this slot does not want the ensemble's embedding cache (which would hold
+every training feature at once): with ``cache_embeddings = False`` the ensemble feeds raw
+tiles to ``training_step``, which embeds them and folds them into the per-patch
+statistics ``step`` samples at a time. Memory is then independent of the number of
+training tiles: O(P * m * (k + step)) for the statistics plus one batch of features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.padim_ipca.torch_model import PadimIPCAModel
+
+
+class PadimIPCA(AnomalyModule):
+    trainable = False
+    #: False: ``training_step`` receives batches of raw tiles in [0, 1] (``batch[0]``,
+    #: shape (B, 3, th, tw)) and embeds them itself; nothing is cached per tile.
+    cache_embeddings = False
+
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        layers: list[int],
+        k: int = 16,
+        step: int = 16,
+        dtype: str = "float64",
+        n_features: int | None = None,
+        variance_rtol: float = 1e-6,
+        blur_sigma: float = 4.0,
+    ):
+        super().__init__(backbone)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.automatic_optimization = False
+        self.model = PadimIPCAModel(sum(backbone.channels), n_features, k, step, dtype, variance_rtol, blur_sigma)
+
+    @torch.no_grad()
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.model.features(self.backbone(tiles))
+
+    def training_step(self, batch, batch_idx):
+        tiles = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self.model.partial_fit(self.embed(tiles))
+
+    def on_train_end(self) -> None:
+        self.model.finalize()
+
+    @torch.no_grad()
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))
