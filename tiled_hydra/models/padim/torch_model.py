@@ -28,7 +28,7 @@ class PadimModel(nn.Module):
         # Random channel subset, drawn from the (seeded) global RNG and kept in the checkpoint.
         self.register_buffer("channel_index", torch.randperm(total_channels)[:n_features].sort().values)
         self.register_buffer("mean", torch.empty(0))  # (P, D)
-        self.register_buffer("inv_covariance", torch.empty(0))  # (P, D, D)
+        self.register_buffer("whitening", torch.empty(0))  # (P, D, D): inverse Cholesky factor of the covariance
 
     def reduce(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Backbone stages -> embedding (B, D, h, w) of the selected channels."""
@@ -46,22 +46,26 @@ class PadimModel(nn.Module):
             raise ConfigError("padim needs at least 2 training tiles per model slot")
         flat = embeddings.flatten(2)  # (N, D, P)
         eye = self.epsilon * torch.eye(d, dtype=torch.float64, device=flat.device)
-        means, inverses = [], []
+        means, whitening = [], []
         for start in range(0, flat.shape[-1], patches_per_chunk):
             x = flat[..., start : start + patches_per_chunk].permute(2, 0, 1).double()  # (p, N, D)
             mean = x.mean(dim=1, keepdim=True)
             centered = x - mean
             covariance = centered.transpose(1, 2) @ centered / (n - 1) + eye
+            # Whitening W = L^-1 with covariance = L L^T, so that |W delta|^2 is the squared
+            # Mahalanobis distance; Cholesky + triangular solve is ~2x cheaper than a batched inverse.
+            lower = torch.linalg.cholesky(covariance)
+            identity = torch.eye(d, dtype=lower.dtype, device=lower.device).expand_as(lower)
             means.append(mean.squeeze(1).float())
-            inverses.append(torch.linalg.inv(covariance).float())
+            whitening.append(torch.linalg.solve_triangular(lower, identity, upper=False).float())
         self.mean = torch.cat(means)
-        self.inv_covariance = torch.cat(inverses)
+        self.whitening = torch.cat(whitening)
 
     def forward(self, embedding: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding (B, D, h, w) -> anomaly map (B, H, W) and image score = max of the map."""
         b, _, h, w = embedding.shape
         delta = embedding.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (P, B, D)
-        squared = torch.einsum("pbd,pde,pbe->bp", delta, self.inv_covariance, delta).clamp_min(0)
-        maps = squared.sqrt().reshape(b, h, w)
+        whitened = torch.einsum("pde,pbe->pbd", self.whitening, delta)
+        maps = whitened.square().sum(-1).sqrt().t().reshape(b, h, w)
         maps = gaussian_blur(upsample(maps, output_size), self.blur_sigma)
         return maps, maps.flatten(1).amax(dim=1)

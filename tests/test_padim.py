@@ -1,0 +1,40 @@
+"""PaDiM math against a direct computation, and exact checkpoint round trip."""
+
+import torch
+
+from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.padim import Padim
+from tiled_hydra.models.padim.torch_model import PadimModel
+
+
+def test_map_is_the_mahalanobis_distance_of_the_regularised_sample_covariance():
+    torch.manual_seed(0)
+    model = PadimModel(total_channels=20, n_features=10, epsilon=0.01, blur_sigma=0)
+    train = torch.randn(30, 10, 4, 4)
+    model.fit(train, patches_per_chunk=5)  # chunks that do not divide 16 patches
+    test = torch.randn(3, 10, 4, 4)
+    maps, scores = model(test, (4, 4))
+
+    # Direct definition: torch.cov (unbiased) + epsilon I, explicit inverse, in float64.
+    x = train.flatten(2).permute(2, 0, 1).double()
+    cov = torch.stack([torch.cov(x[p].T) for p in range(16)]) + 0.01 * torch.eye(10, dtype=torch.float64)
+    delta = test.flatten(2).permute(2, 0, 1).double() - x.mean(1, keepdim=True)
+    expected = torch.einsum("pbd,pde,pbe->bp", delta, torch.linalg.inv(cov), delta).sqrt().reshape(3, 4, 4)
+    assert torch.allclose(maps.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+
+
+def test_slot_checkpoint_round_trip_is_exact():
+    backbone = build_backbone("efficientnet_lite0", "tf_efficientnet_lite0", "none", [1, 2, 3], [0.5] * 3, [0.5] * 3)
+    torch.manual_seed(1)
+    slot = Padim(backbone, layers=[1, 2, 3], n_features=20, epsilon=0.01, blur_sigma=4.0)
+    tiles = torch.rand(6, 3, 32, 32)
+    slot.model.fit(slot.embed(tiles))
+    state = slot.slot_state_dict()
+    assert not any(k.startswith("backbone.") for k in state)
+
+    torch.manual_seed(2)  # a different random channel subset until the checkpoint is loaded
+    restored = Padim(backbone, layers=[1, 2, 3], n_features=20, epsilon=0.01, blur_sigma=4.0)
+    restored.load_slot_state_dict(state)
+    for a, b in zip(slot.predict_tiles(tiles), restored.predict_tiles(tiles)):
+        assert torch.equal(a, b)
