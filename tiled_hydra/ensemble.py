@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger(__name__)
+
+# Expected for every slot, so not worth a warning each time: the frozen backbone is in eval
+# mode on purpose, and statistics-only models (PaDiM, PatchCore) have no optimizer.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*`configure_optimizers` returned `None`.*")
 
 
 def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:
