@@ -32,6 +32,15 @@ AUROC = {
 }
 
 
+GEOMETRY = {"sm256": (256, 256, 256), "sm512": (512, 512, 512), "st4": (512, 256, 256), "st9": (512, 256, 128),
+            "ens4": (512, 256, 256), "ens9": (512, 256, 128)}  # image, tile, stride
+
+
+def setup_config(setup: str, study: str = "paper_grid") -> dict:
+    image, tile, stride = GEOMETRY[setup]
+    return {"setup": {"name": setup, "image_size": image, "tile_size": tile, "stride": stride}, "study": study}
+
+
 def fake_run(setup: str, model: str, category: str, seed: int, auroc: float, **extra) -> dict:
     return {
         "image_AUROC": auroc, "pixel_AUPRO": round(auroc - 0.1, 6), "pixel_AUROC": auroc, "image_F1": 0.5, "pixel_F1": 0.5,
@@ -59,11 +68,12 @@ def hand_made(tmp_path) -> Path:
     for (setup, model), by_category in AUROC.items():
         for category, values in by_category.items():
             for seed, value in enumerate(values):
-                write_job(root, fake_run(setup, model, category, seed, value),
-                          {"setup": {"name": setup, "image_size": 512, "tile_size": 256}, "study": "paper_grid"})
-    # A resolution-study run must stay out of the tables even though its setup is named sm256.
-    write_job(root, fake_run("sm256", "padim", "a", 0, 0.10),
-              {"setup": {"name": "sm256", "image_size": 1024, "tile_size": "${setup.image_size}"}, "study": "resolution"}, tag="r1024")
+                write_job(root, fake_run(setup, model, category, seed, value), setup_config(setup))
+    # Resolution-study runs must stay out of the tables even though their setup is named sm256.
+    for size in (512, 1024):
+        write_job(root, fake_run("sm256", "padim", "a", 0, 0.10),
+                  {"setup": {"name": "sm256", "image_size": size, "tile_size": "${setup.image_size}"}, "study": "resolution"},
+                  tag=f"r{size}")
     return root
 
 
@@ -119,14 +129,15 @@ def test_figures_from_hand_made_runs_and_skips_with_notes(hand_made, tmp_path):
 
 def test_all_four_figures_with_speed_and_defect_sizes(tmp_path):
     root = tmp_path / "multirun"
-    for setup in ("sm256", "ens9"):
+    for setup in ("sm256", "ens4", "ens9"):
         for category in ("a", "b", "c"):
             write_job(root, fake_run(setup, "padim", category, 0, 0.9, latency_ms=12.0, throughput_images_per_second=80.0,
-                                     throughput_batch_size=8))
+                                     throughput_batch_size=8), setup_config(setup))
     for size in (256, 512):
         for setup, tile in ((f"sm{size}", size), (f"ens{size}_tile256", 256)):
             write_job(root, fake_run(setup, "padim", "a", 0, 0.8),
-                      {"setup": {"name": setup, "image_size": size, "tile_size": tile}, "study": "resolution"}, tag=f"res{size}")
+                      {"setup": {"name": setup, "image_size": size, "tile_size": tile, "stride": tile}, "study": "resolution"},
+                      tag=f"res{size}")
     stats = tmp_path / "datastats.json"
     stats.write_text(json.dumps({f"mvtec/{c}": {"dataset": "mvtec", "category": c, "defect_share": s}
                                  for c, s in (("a", 0.002), ("b", 0.02), ("c", 0.1))}))
@@ -134,6 +145,22 @@ def test_all_four_figures_with_speed_and_defect_sizes(tmp_path):
     names = sorted(Path(f).name for f in result["files"] if str(f).endswith(".png"))
     assert names == ["fig5_memory.png", "fig6_resolution.png", "fig7_defect_size.png", "fig8_latency_throughput.png"]
     assert not result["notes"]
+
+
+def test_figures_6_and_7_from_the_grid_runs_alone(tmp_path):
+    # No resolution sweep: SM256 (256 px) and ENS4 (512 px) give Fig. 6; the runs' defect_share gives Fig. 7.
+    root = tmp_path / "multirun"
+    for setup in ("sm256", "ens4"):
+        for category, share in (("a", 0.002), ("b", 0.02), ("c", 0.1)):
+            write_job(root, fake_run(setup, "padim", category, 0, 0.9, defect_share=share), setup_config(setup))
+    from tiled_hydra import figures
+
+    runs, _ = cmp.load_runs([str(root)])
+    assert figures.defect_sizes_from_runs(runs) == {("mvtec", "a"): 0.002, ("mvtec", "b"): 0.02, ("mvtec", "c"): 0.1}
+    assert {figures.resolution_series(r) for r in runs} == {"padim, single model", "padim, tiled ensemble (256 px tiles, stride 256)"}
+    result = cmp.compare([str(root)], tmp_path / "out")
+    names = {Path(f).name for f in result["files"]}
+    assert {"fig6_resolution.png", "fig7_defect_size.png"} <= names
 
 
 def run_compare(*args: str) -> subprocess.CompletedProcess:

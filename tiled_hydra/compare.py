@@ -56,6 +56,7 @@ def make_run(results: dict, config: dict, source: str) -> dict:
     run = dict(results)
     run.setdefault("image_size", side(setup.get("image_size")))
     run.setdefault("tile_size", side(setup.get("tile_size")))
+    run.setdefault("stride", side(setup.get("stride")))
     run["study"] = config.get("study") or results.get("study") or ""
     run["source"] = source
     return run
@@ -298,7 +299,7 @@ def print_table(table: Table, runs: list[dict], console) -> None:
     from rich.table import Table as RichTable
     from rich.text import Text
 
-    rich_table = RichTable(title=caption(table, runs).replace("**bold**", "bold").replace("_underlined_", "underlined"))
+    rich_table = RichTable(title=f"{table.dataset}: image AUROC / pixel AUPRO (%)" + (" per category" if len(table.row_names) > 1 else ""))
     for name in table.row_names:
         rich_table.add_column(name)
     for column in table.columns:
@@ -315,6 +316,7 @@ def print_table(table: Table, runs: list[dict], console) -> None:
             cells.append(text)
         rich_table.add_row(*row, *cells)
     console.print(rich_table)
+    console.print(caption(table, runs).split(": ", 1)[1].replace("**bold**", "bold").replace("_underlined_", "underlined"))
 
 
 def compare(sources: list[str], out: Path, datastats: Path | None = None, from_wandb: bool = False) -> dict:
@@ -340,7 +342,8 @@ def compare(sources: list[str], out: Path, datastats: Path | None = None, from_w
     if not table_runs:
         notes.append("no runs for the tables (only resolution-study runs)")
 
-    stats = figures.load_datastats(datastats) if datastats else None
+    # Defect sizes: recorded by the runs themselves (defect_share), or measured by tiled_hydra.datastats.
+    stats = {**figures.defect_sizes_from_runs(runs), **(figures.load_datastats(datastats) if datastats else {})}
     for draw in (figures.memory_per_setup, figures.resolution_study, figures.defect_size, figures.speed_per_setup):
         path, note = draw(runs, out, stats) if draw is figures.defect_size else draw(runs, out)
         if path:

@@ -1,6 +1,8 @@
 """Defect size per dataset category, the x-axis of paper Fig. 7.
 
 defect_share = mean over the defective test images of (anomalous pixels / image pixels).
+Every run also records it in results.json (``defect_share``, from the test masks it loaded), so
+compare draws Fig. 7 from runs alone; this command measures datasets without running a model.
 
     python -m tiled_hydra.datastats dataset=mvtec dataset.root=DIR dataset.category=bottle,cable,...
     python -m tiled_hydra.compare SOURCE --datastats outputs/datastats.json
@@ -17,26 +19,39 @@ import json
 import sys
 from pathlib import Path
 
-from tiled_hydra.data.base import AnomalyData
+import torch
+
+from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.errors import DataError, TiledHydraError, instantiate_checked
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_OUT = Path("outputs/datastats.json")
 
 
+def defect_shares(split: Split) -> torch.Tensor | None:
+    """Share of anomalous pixels of every defective image of a split; None without pixel masks."""
+    if split.masks is None:
+        return None
+    return split.masks[split.labels == 1].flatten(1).float().mean(dim=1)
+
+
+def defect_share(split: Split) -> float | None:
+    """Mean share of anomalous pixels per defective image (results.json key ``defect_share``)."""
+    shares = defect_shares(split)
+    return None if shares is None or len(shares) == 0 else round(float(shares.mean()), 6)
+
+
 def defect_stats(data: AnomalyData) -> dict:
-    """Share of anomalous pixels per defective test image: mean, median and image count."""
-    test = data.test
-    if test.masks is None:
+    """Defect share of the test split: mean, median and number of defective images."""
+    shares = defect_shares(data.test)
+    if shares is None:
         raise DataError("this dataset has no pixel masks, so it has no defect size")
-    defective = test.labels == 1
-    if not defective.any():
+    if len(shares) == 0:
         raise DataError("no defective test image")
-    shares = test.masks[defective].flatten(1).float().mean(dim=1)
     return {
         "defect_share": float(shares.mean()),
         "defect_share_median": float(shares.median()),
-        "defective_images": int(defective.sum()),
+        "defective_images": len(shares),
     }
 
 

@@ -36,6 +36,15 @@ def load_datastats(path: Path) -> dict[tuple[str, str], float]:
         raise CompareError(f"--datastats {path}: not a file written by python -m tiled_hydra.datastats ({err})") from None
 
 
+def defect_sizes_from_runs(runs: list[dict]) -> dict[tuple[str, str], float]:
+    """{(dataset, category): defect share} from the runs' own ``defect_share`` (mean over runs)."""
+    shares = defaultdict(list)
+    for run in runs:
+        if run.get("defect_share") is not None:
+            shares[run["dataset"], run["category"]].append(float(run["defect_share"]))
+    return {key: statistics.fmean(values) for key, values in shares.items()}
+
+
 def grid_runs(runs: list[dict], *keys: str) -> list[dict]:
     """Runs of the setup grid (not the resolution study) that have every key."""
     return [r for r in runs if r["study"] != RESOLUTION_STUDY and all(r.get(k) is not None for k in keys)]
@@ -107,24 +116,31 @@ def speed_per_setup(runs: list[dict], out: Path):
 
 def resolution_series(run: dict) -> str:
     """Curve of a run in Fig. 6, from its setup name (the resolution sweeps name them sm<size> / ens<size>_tile256)."""
-    name = str(run["setup"])
+    name, tiles = str(run["setup"]), f"{run.get('tile_size')} px tiles, stride {run.get('stride')}"
     if name.startswith("sm"):
         return f"{run['model']}, single model"
     if name.startswith("st"):
-        return f"{run['model']}, one model on {run.get('tile_size')} px tiles"
-    return f"{run['model']}, tiled ensemble ({run.get('tile_size')} px tiles)"
+        return f"{run['model']}, one shared model ({tiles})"
+    return f"{run['model']}, tiled ensemble ({tiles})"
 
 
 def resolution_study(runs: list[dict], out: Path):
-    """Fig. 6: pixel AUPRO and peak memory versus image size, single model vs tiled ensemble."""
-    runs = [r for r in runs if r["study"] == RESOLUTION_STUDY and r.get("image_size")]
-    if not runs:
-        return None, "Fig. 6 skipped: no runs of the resolution study (+sweep=resolution_single / resolution_ensemble)"
+    """Fig. 6: pixel AUPRO and peak memory versus image size, single model vs tiled ensemble.
+
+    Drawn from the resolution sweeps; without them, from the single-model and ensemble setups of
+    the grid (e.g. SM256, SM512 and ENS4 give 256 and 512 px), and titled as such.
+    """
+    study = [r for r in runs if r["study"] == RESOLUTION_STUDY and r.get("image_size")]
+    origin = "resolution study"
+    if not study:
+        study = [r for r in grid_runs(runs, "image_size") if str(r["setup"]).startswith(("sm", "ens"))]
+        origin = "setup grid (+sweep=resolution_single / resolution_ensemble for the full study)"
+    if len({r["image_size"] for r in study}) < 2:
+        return None, "Fig. 6 skipped: no runs at two or more image sizes (+sweep=resolution_single / resolution_ensemble)"
     series: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
+    for run in study:
         series[resolution_series(run)][run["image_size"]].append(run)
-    sizes = sorted({r["image_size"] for r in runs})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for (name, by_size), color in zip(sorted(series.items()), plt.cm.tab10.colors):
         xs = sorted(by_size)
         aupro = [[100 * r["pixel_AUPRO"] for r in by_size[x] if r.get("pixel_AUPRO") is not None] for x in xs]
@@ -133,24 +149,25 @@ def resolution_study(runs: list[dict], out: Path):
         for key, style, what in (("infer_peak_mem_bytes", "-", "inference"), ("train_peak_mem_bytes", "--", "training")):
             mem = [np.mean([r[key] / MIB for r in by_size[x] if r.get(key) is not None] or [np.nan]) for x in xs]
             axes[1].plot(xs, mem, style, marker="o", color=color, label=f"{name}, {what}")
-    where = ", ".join(sorted({f"{r['dataset']} {r['category']}" for r in runs}))
+    where = ", ".join(sorted({f"{r['dataset']} {r['category']}" for r in study}))
     axes[0].set_ylabel("pixel AUPRO (%)")
-    axes[0].set_title(f"Localization vs resolution ({where})")
-    axes[1].set_ylabel(f"peak memory (MiB; {memory_label(runs)})")
-    axes[1].set_title("Memory vs resolution")
+    axes[0].set_title(f"Localization vs resolution ({where})", fontsize=10)
+    axes[1].set_ylabel(f"peak memory (MiB; {memory_label(study)})")
+    axes[1].set_title("Memory vs resolution", fontsize=10)
     for ax in axes:
         ax.set_xlabel("image size (px)")
-        ax.set_xticks(sizes)
+        ax.set_xticks(sorted({r["image_size"] for r in study}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save(fig, out / "fig6_resolution.png", top=1.0), None
+    fig.suptitle(f"From the {origin}", fontsize=9)
+    return save(fig, out / "fig6_resolution.png", top=0.95), None
 
 
 def defect_size(runs: list[dict], out: Path, stats: dict[tuple[str, str], float] | None):
     """Fig. 7: image AUROC and pixel AUPRO per category (mean over models and seeds) vs defect size."""
     if not stats:
-        return None, ("Fig. 7 skipped: no defect sizes; write them with `python -m tiled_hydra.datastats dataset=... "
-                      "dataset.category=...` and pass --datastats FILE")
+        return None, ("Fig. 7 skipped: no defect sizes (no defect_share in the runs); measure them with "
+                      "`python -m tiled_hydra.datastats dataset=... dataset.category=...` and pass --datastats FILE")
     runs = [r for r in grid_runs(runs) if (r["dataset"], r["category"]) in stats]
     if not runs:
         return None, "Fig. 7 skipped: the --datastats file has none of the runs' dataset/category pairs"

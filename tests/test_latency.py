@@ -1,0 +1,58 @@
+"""Latency/throughput: the timed step is the run's own inference; warm-up and repeats as configured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.test_run import tiny_overrides, write_mvtec
+from tiled_hydra.backbone import build_backbone
+from tiled_hydra.data.base import AnomalyData
+from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.errors import instantiate_checked
+from tiled_hydra.latency import TiledInference, measure_speed, timed_seconds
+from tiled_hydra.run import make_grid, predict_split
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    return write_mvtec(tmp_path_factory.mktemp("mvtec"), n_train=3, n_good=2, n_bad=2)
+
+
+def trained_runner(cfg, run_dir):
+    grid = make_grid(cfg.setup)
+    data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
+    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": "cpu"}
+    runner = SlotRunner(cfg, grid, backbone, torch.device("cpu"), run_dir / "checkpoints", kwargs)
+    runner.train_all(data.train.images)
+    return runner, grid, data
+
+
+@pytest.mark.parametrize("setup", ["st9", "ens4"])  # one shared model on overlapping tiles; one model per tile
+def test_timed_step_equals_the_runs_inference(compose_cfg, mvtec_root, tmp_path, setup):
+    cfg = compose_cfg(tiny_overrides(setup, mvtec_root))
+    runner, grid, data = trained_runner(cfg, tmp_path)
+    maps, scores = predict_split(runner, grid, data.test, cfg)
+    step = TiledInference([runner.load(s) for s in range(len(runner.slots))], runner.slots, grid, cfg.merge, runner.device)
+    step_maps, step_scores = step(data.test.images)
+    torch.testing.assert_close(step_maps, maps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_scores, scores, atol=1e-5, rtol=1e-5)
+
+    speed = measure_speed(runner, grid, data.test.images, cfg.merge, warmup=1, repeats=3, throughput_batch_size=3)
+    assert set(speed) == {"latency_ms", "throughput_images_per_second", "throughput_batch_size"}
+    assert speed["latency_ms"] > 0 and speed["throughput_images_per_second"] > 0 and speed["throughput_batch_size"] == 3
+
+
+def test_warmup_is_untimed_and_batches_cycle_through_the_images():
+    images = torch.arange(5).view(5, 1, 1, 1)
+    seen = []
+    seconds = timed_seconds(lambda batch: seen.append(batch.flatten().tolist()), images, batch_size=3, warmup_steps=2, timed_steps=3)
+    assert len(seconds) == 3  # only the timed steps are returned
+    assert seen == [[0, 1, 2], [3, 4, 0], [1, 2, 3], [4, 0, 1], [2, 3, 4]]
+
+
+def test_bad_speed_settings_are_refused():
+    with pytest.raises(ValueError, match="repeats"):
+        measure_speed(None, None, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), None, warmup=0, repeats=0, throughput_batch_size=1)
