@@ -1,0 +1,3 @@
+from tiled_hydra.models.patchcore.lightning_model import Patchcore
+
+__all__ = ["Patchcore"]
