@@ -1,0 +1,3 @@
+from tiled_hydra.models.fastflow.lightning_model import Fastflow
+
+__all__ = ["Fastflow"]

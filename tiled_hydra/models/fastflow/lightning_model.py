@@ -1,0 +1,44 @@
+"""FastFlow as a model slot: maximise the likelihood of cached, normalised backbone features."""
+
+from __future__ import annotations
+
+import torch
+
+from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.fastflow.torch_model import FastflowModel
+
+
+class Fastflow(AnomalyModule):
+    trainable = True
+
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        layers: list[int],
+        flow_steps: int,
+        hidden_ratio: float,
+        clamp: float,
+        conv3x3_only: bool,
+        lr: float,
+        weight_decay: float,
+    ):
+        super().__init__(backbone)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.model = FastflowModel(backbone.channels, flow_steps, hidden_ratio, clamp, conv3x3_only)
+
+    @torch.no_grad()
+    def embed(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.embed(self.backbone(tiles))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model.loss(tuple(batch))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    @torch.no_grad()
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))
