@@ -1,0 +1,3 @@
+from tiled_hydra.models.reverse_distillation.lightning_model import ReverseDistillation
+
+__all__ = ["ReverseDistillation"]

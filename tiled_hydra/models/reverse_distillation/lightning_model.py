@@ -1,0 +1,38 @@
+"""Reverse Distillation as a model slot: train bottleneck + decoder on cached teacher features."""
+
+from __future__ import annotations
+
+import torch
+
+from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.reverse_distillation.torch_model import ReverseDistillationModel
+
+
+class ReverseDistillation(AnomalyModule):
+    trainable = True
+
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        layers: list[int],
+        blocks: int,
+        blur_sigma: float,
+        lr: float,
+        betas: list[float],
+    ):
+        super().__init__(backbone)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.model = ReverseDistillationModel(backbone.channels, backbone.reductions, blocks, blur_sigma)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model.loss(tuple(batch))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+    @torch.no_grad()
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))
