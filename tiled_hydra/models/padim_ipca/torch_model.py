@@ -71,29 +71,34 @@ class IncrementalTruncatedPCA(nn.Module):
 
     @torch.no_grad()
     def partial_fit(self, samples: torch.Tensor) -> None:
-        """Accumulate samples (P, m, n); run an update (Eq. 6) whenever enough are pending."""
-        samples = samples.to(self.dtype)
+        """Accumulate samples (P, m, n); run an update (Eq. 6) whenever enough are pending.
+
+        Only slices of ``samples`` are converted to the working dtype, and only fewer than
+        ``samples_needed()`` of them are kept between calls: memory does not depend on n.
+        """
         if self.count == 0:
             self.feature_sum = torch.zeros(samples.shape[:2], dtype=self.dtype, device=samples.device)
-            self.pending = samples[..., :0]
-        self.feature_sum += samples.sum(-1)
+            self.pending = torch.empty(*samples.shape[:2], 0, dtype=self.dtype, device=samples.device)
+        self.feature_sum += samples.sum(-1, dtype=self.dtype)
         self.count += samples.shape[-1]
-        pending = torch.cat([self.pending, samples], dim=-1)
-        while pending.shape[-1] >= self.samples_needed():
-            need = self.samples_needed()
-            self.update(pending[..., :need])
-            pending = pending[..., need:]
-        self.pending = pending.clone()  # a view would keep the whole concatenation alive
+        start = 0
+        while self.pending.shape[-1] + samples.shape[-1] - start >= self.samples_needed():
+            take = self.samples_needed() - self.pending.shape[-1]
+            self.update(self.pending, samples[..., start : start + take].to(self.dtype))
+            self.pending = self.pending.new_empty(*self.pending.shape[:2], 0)  # a [..., :0] view would pin the old storage
+            start += take
+        self.pending = torch.cat([self.pending, samples[..., start:].to(self.dtype)], dim=-1)
 
     @torch.no_grad()
-    def update(self, batch: torch.Tensor) -> None:
+    def update(self, *batch: torch.Tensor) -> None:
         """One step of Eq. 4-6 in the form of §3.3, for every patch at once.
 
+        ``batch``: the step's samples X_b, possibly in several (P, m, *) parts.
         W = [U_k diag(s), X_b] satisfies W W^T = U_k diag(s^2) U_k^T + X_b X_b^T (Eq. 5).
         With W^T W = V diag(s'^2) V^T, the top-k part of W V is U'_k diag(s'): the new
         factor, obtained from a (k+n_b)-sized eigenproblem instead of an SVD of W.
         """
-        w = torch.cat([self.scaled_basis, batch], dim=-1) if self.has_basis else batch
+        w = torch.cat([self.scaled_basis, *batch] if self.has_basis else batch, dim=-1)
         _, eigenvectors = torch.linalg.eigh(w.mT @ w)  # ascending eigenvalues
         keep = min(self.k, w.shape[-1])
         self.scaled_basis = w @ eigenvectors[..., -keep:]
