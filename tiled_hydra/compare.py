@@ -253,12 +253,16 @@ def markdown_value(stat: Stat | None) -> str:
     return f"**{text}**" if stat and stat.mark == BEST else f"_{text}_" if stat and stat.mark == SECOND else text
 
 
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def caption(table: Table, runs: list[dict]) -> str:
     runs = [r for r in runs if r["dataset"] == table.dataset]
     seeds = len({r["seed"] for r in runs})
     categories = len({r["category"] for r in runs})
-    how = "per category" if "category" in table.row_names else f"averaged over {categories} categories"
-    return (f"{table.dataset}: image AUROC / pixel AUPRO in %, {how}, mean ± std over {seeds} seed(s) "
+    how = "per category" if "category" in table.row_names else f"averaged over {plural(categories, 'category', 'categories')}"
+    return (f"{table.dataset}: image AUROC / pixel AUPRO in %, {how}, mean ± std over {plural(seeds, 'seed', 'seeds')} "
             f"({len(runs)} runs); best **bold**, second best _underlined_ per column")
 
 

@@ -24,6 +24,7 @@ from tiled_hydra.compare import PAPER_MODELS, PAPER_SETUPS, RESOLUTION_STUDY, Co
 MIB = 2**20
 DPI = 120
 PERCENT_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)  # Fig. 7 x-axis, % of the image
+MEMORY_STYLES = {"infer_peak_mem_bytes": ("-", "o"), "train_peak_mem_bytes": ("--", "s")}  # Fig. 6 line, marker
 MEMORY_KINDS = {"cuda": "GPU, peak allocated", "rss": "CPU, process RSS above start"}
 
 
@@ -146,9 +147,9 @@ def resolution_study(runs: list[dict], out: Path):
         aupro = [[100 * r["pixel_AUPRO"] for r in by_size[x] if r.get("pixel_AUPRO") is not None] for x in xs]
         axes[0].errorbar(xs, [np.mean(v) if v else np.nan for v in aupro],
                          yerr=[np.std(v) if len(v) > 1 else 0 for v in aupro], marker="o", capsize=3, color=color, label=name)
-        for key, style, what in (("infer_peak_mem_bytes", "-", "inference"), ("train_peak_mem_bytes", "--", "training")):
+        for key, style in MEMORY_STYLES.items():
             mem = [np.mean([r[key] / MIB for r in by_size[x] if r.get(key) is not None] or [np.nan]) for x in xs]
-            axes[1].plot(xs, mem, style, marker="o", color=color, label=f"{name}, {what}")
+            axes[1].plot(xs, mem, style[0], marker=style[1], color=color)
     where = ", ".join(sorted({f"{r['dataset']} {r['category']}" for r in study}))
     axes[0].set_ylabel("pixel AUPRO (%)")
     axes[0].set_title(f"Localization vs resolution ({where})", fontsize=10)
@@ -158,7 +159,9 @@ def resolution_study(runs: list[dict], out: Path):
         ax.set_xlabel("image size (px)")
         ax.set_xticks(sorted({r["image_size"] for r in study}))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8)  # colors: one per curve; the memory panel only tells the line styles apart
+    axes[1].legend([plt.Line2D([], [], color="k", linestyle=ls, marker=m) for ls, m in MEMORY_STYLES.values()],
+                   ["inference", "training (largest slot)"], fontsize=8)
     fig.suptitle(f"From the {origin}", fontsize=9)
     return save(fig, out / "fig6_resolution.png", top=0.95), None
 
@@ -172,7 +175,8 @@ def defect_size(runs: list[dict], out: Path, stats: dict[tuple[str, str], float]
     if not runs:
         return None, "Fig. 7 skipped: the --datastats file has none of the runs' dataset/category pairs"
     present = {r["setup"] for r in runs}
-    setups = [s for s in ("sm256", "ens9") if s in present] or paper_order(present, PAPER_SETUPS)  # the paper's pair
+    pair = {"sm256", "ens9"}  # the paper's pair; other grids show every setup they have
+    setups = ["sm256", "ens9"] if pair <= present else paper_order(present, PAPER_SETUPS)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, metric, name in zip(axes, ("image_AUROC", "pixel_AUPRO"), ("image AUROC (%)", "pixel AUPRO (%)")):
         for setup, marker, color in zip(setups, "os^vDP", plt.cm.tab10.colors):
@@ -195,7 +199,8 @@ def defect_size(runs: list[dict], out: Path, stats: dict[tuple[str, str], float]
                     ax.annotate(k[1], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7, alpha=0.8)
         ax.set_xscale("log")
         shares = [100 * stats[r["dataset"], r["category"]] for r in runs]
-        ax.set_xticks([t for t in PERCENT_TICKS if min(shares) / 1.5 <= t <= max(shares) * 1.5])
+        ax.set_xlim(min(shares) / 1.6, max(shares) * 1.6)
+        ax.set_xticks([t for t in PERCENT_TICKS if min(shares) / 1.6 <= t <= max(shares) * 1.6])
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("defect size: anomalous share of a defective image (log scale)")
