@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {
     "image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1", "train_peak_mem_bytes",
     "infer_peak_mem_bytes", "mem_kind", "train_seconds", "infer_seconds", "infer_images_per_second",
-    "num_tiles", "num_models", "setup", "model", "backbone", "dataset", "category", "seed",
+    "num_tiles", "num_models", "latency_ms", "throughput_images_per_second", "setup", "model", "backbone", "dataset", "category", "seed",
 }
 # The paper's setups scaled down 8x (256 -> 32 px) so that a run takes seconds.
 TINY = {
@@ -63,7 +63,7 @@ def tiny_overrides(setup: str, root: Path) -> list[str]:
     return [
         f"+setup={setup}", f"setup.image_size={image}", f"setup.tile_size={tile}", f"setup.stride={stride}",
         "dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "logger=none", "model.batch_size=8",
-        "report.overlays=2",
+        "report.overlays=2", "speed.warmup=1", "speed.repeats=2", "speed.batch_size=2",
     ]
 
 

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from tiled_hydra import __version__
 from tiled_hydra.backbone import FrozenBackbone
 from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.memory import PeakMemory
@@ -46,7 +47,8 @@ def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:
 def config_fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that determines a slot's weights, to refuse resuming a different run."""
     keys = ("dataset", "backbone", "model", "setup", "seed")
-    content = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    content = {"version": __version__}
+    content |= {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

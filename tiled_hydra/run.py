@@ -13,6 +13,7 @@ from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
+from tiled_hydra.latency import measure_speed
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
@@ -95,6 +96,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         test_maps, test_scores = predict_split(runner, grid, data.test, cfg)
     infer_seconds = time.perf_counter() - start
 
+    speed = {}
+    if cfg.speed.enabled:
+        speed = measure_speed(runner, grid, data.test.images, cfg.merge, warmup=int(cfg.speed.warmup),
+                              repeats=int(cfg.speed.repeats), throughput_batch_size=int(cfg.speed.batch_size))
+
     test = data.test
     if data.val is not None:
         post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
@@ -115,6 +121,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "train_seconds": round(train_seconds, 3),
         "infer_seconds": round(infer_seconds, 3),
         "infer_images_per_second": round(len(test) / infer_seconds, 3),
+        **speed,
         "num_tiles": grid.num_tiles,
         "num_models": len(runner.slots),
         "setup": str(cfg.setup.name),

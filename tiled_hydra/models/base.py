@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.errors import ConfigError
 
 BACKBONE_PREFIX = "backbone."
 
@@ -67,7 +68,10 @@ class AnomalyModule(L.LightningModule):
         result = self.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"slot checkpoint mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+            raise ConfigError(
+                f"slot checkpoint does not fit model {type(self).__name__} (missing {missing[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}); it was written by other code or settings: use a new hydra.run.dir"
+            )
 
     def prepare_for_state(self, state: dict[str, torch.Tensor]) -> None:
         """Resize buffers whose shape is only known after fitting (e.g. memory banks)."""
