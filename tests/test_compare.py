@@ -163,6 +163,18 @@ def test_figures_6_and_7_from_the_grid_runs_alone(tmp_path):
     assert {"fig6_resolution.png", "fig7_defect_size.png"} <= names
 
 
+def test_unreadable_or_failed_runs_are_left_out_with_a_note(hand_made, tmp_path):
+    damaged = tmp_path / "wandb" / "offline-run-20240101_000000-abc"
+    damaged.mkdir(parents=True)
+    (damaged / "run-abc.wandb").write_bytes(b":W&B garbage")
+    write_job(tmp_path / "failed", {"setup": "sm256", "model": "padim", "category": "a", "seed": 0})  # no metrics
+    result = cmp.compare([str(hand_made), str(damaged), str(tmp_path / "failed")], tmp_path / "out")
+    assert any("left out 2 run(s) without results" in n for n in result["notes"])
+    assert len(result["runs"]) == 26  # the hand-made ones: 24 grid + 2 resolution
+    with pytest.raises(cmp.CompareError, match="no finished run"):
+        cmp.load_runs([str(damaged)])
+
+
 def run_compare(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "tiled_hydra.compare", *args], cwd=REPO, env=env,

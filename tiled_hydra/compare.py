@@ -85,7 +85,11 @@ def runs_from_offline(dirs: list[Path]) -> list[dict]:
 
     runs = []
     for d in dirs:
-        record = read_offline_run(d)
+        try:
+            record = read_offline_run(d)
+        except Exception:  # a run still being written, or a damaged file: reported as a run without results
+            runs.append({"source": str(d)})
+            continue
         runs.append(make_run(record["summary"], record["config"], str(d)))
     return runs
 
@@ -143,6 +147,8 @@ def clean(runs: list[dict]) -> tuple[list[dict], list[str]]:
         kept.append(run)
     if duplicates:
         notes.append(f"left out {duplicates} duplicate run(s) (same dataset, category, setup, model, seed)")
+    if not kept:
+        raise CompareError(f"no finished run among the {len(runs)} found" + (f": {notes[0]}" if notes else ""))
     return kept, notes
 
 
