@@ -32,6 +32,8 @@ from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
+# Lightning announces its accelerator and tips at INFO on every Trainer, i.e. once per slot.
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 # Expected for every slot, so not worth a warning each time: the frozen backbone is in eval
 # mode on purpose, and statistics-only models (PaDiM, PatchCore) have no optimizer.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
