@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
+from tiled_hydra.datastats import defect_share
 from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.latency import measure_speed
@@ -130,6 +131,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "dataset": str(cfg.dataset.name),
         "category": str(cfg.dataset.category),
         "seed": int(cfg.seed),
+        "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
     return results
