@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.test_run import TINY, tiny_overrides, write_mvtec
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.fastflow.torch_model import AffineCoupling
@@ -182,6 +183,25 @@ def test_trainable_models_log_a_finite_loss(trained):
         assert math.isfinite(float(model.trainer.callback_metrics["train_loss"]))
 
 
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory) -> Path:
+    return write_mvtec(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.mark.slow  # 18 tiny end-to-end runs, ~50 s in all
+@pytest.mark.parametrize("setup", list(TINY))
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_runs_in_every_setup(compose_cfg, mvtec_root, tmp_path, name, setup):
+    from tiled_hydra.run import run
+
+    cfg = compose_cfg(tiny_overrides(setup, mvtec_root) + [f"model={name}", "model.max_steps=2"])
+    results = run(cfg, tmp_path)
+    assert results["model"] == name
+    assert results["num_models"] == {"sm256": 1, "sm512": 1, "st4": 1, "st9": 1, "ens4": 4, "ens9": 9}[setup]
+    for key in ("image_AUROC", "pixel_AUPRO"):
+        assert 0.0 <= results[key] <= 1.0
+
+
 # -- PatchCore pieces ---------------------------------------------------------------------------------
 def test_faiss_nearest_neighbours_match_brute_force():
     generator = torch.Generator().manual_seed(0)
@@ -208,6 +228,8 @@ def test_coreset_has_the_requested_size_and_covers_better_than_random(projection
     greedy = covering_radius(points, selected)
     random_radii = [covering_radius(points, torch.randperm(2000)[:200]) for _ in range(5)]
     assert greedy < min(random_radii)
+    # identical points (e.g. a flat background) are still never selected twice
+    assert greedy_coreset(torch.zeros(50, 8), 10, projection_dim).unique().numel() == 10
 
 
 def test_patchcore_image_score_reweighting_by_hand():

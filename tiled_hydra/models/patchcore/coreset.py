@@ -43,6 +43,7 @@ def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int = 
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, in one fused kernel plus a cheap add
         distance = torch.addmm(squared_norms, center, points_t, alpha=-2).add_(squared_norms.index_select(1, index))
         torch.minimum(nearest, distance, out=nearest)
+        nearest.index_fill_(1, index, -1.0)  # never pick a point twice, even among duplicates
         index = nearest.argmax().view(1)
     return selected
 
