@@ -81,3 +81,10 @@ def test_seams_of_ens9_and_ens4():
 def test_bad_plans_are_refused(image, tile, stride, message):
     with pytest.raises(ValueError, match=message):
         TileGrid.create(image, tile, stride)
+
+
+def test_tile_subset_equals_the_same_tiles_of_the_full_tiling():
+    grid = TileGrid.create((50, 70), 32, 16)  # padding on both axes
+    x = torch.randint(0, 255, (2, 3, 50, 70), dtype=torch.uint8)
+    chosen = [0, 4, grid.num_tiles - 1]
+    assert torch.equal(grid.tile_subset(x, chosen), grid.tile(x)[:, chosen])

@@ -62,8 +62,8 @@ def iter_tile_batches(images: torch.Tensor, grid: TileGrid, tiles: list[int], ti
     per_batch = max(1, tiles_per_batch // len(tiles))
     for start in range(0, len(images), per_batch):
         chunk = slice(start, min(start + per_batch, len(images)))
-        tiled = grid.tile(images[chunk].float().div_(255))[:, tiles]
-        yield chunk, tiled.flatten(0, 1)
+        tiled = grid.tile_subset(images[chunk], tiles)  # uint8 until the tiles are cut
+        yield chunk, tiled.flatten(0, 1).float().div_(255)
 
 
 @dataclass

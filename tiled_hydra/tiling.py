@@ -95,6 +95,19 @@ class TileGrid:
         tiles = rearrange(cols, "b (c th tw) n -> b n c th tw", c=c, th=self.tile_size[0], tw=self.tile_size[1])
         return tiles.to(images.dtype)
 
+    def tile_subset(self, images: torch.Tensor, tiles: list[int]) -> torch.Tensor:
+        """(B, C, H, W) -> (B, len(tiles), C, th, tw): only the requested tiles, cut without
+        materialising the others (a slot of an ensemble needs one tile of every image)."""
+        b, c, h, w = images.shape
+        if (h, w) != self.image_size:
+            raise ValueError(f"expected images of size {self.image_size}, got {(h, w)}")
+        out = images.new_zeros(b, len(tiles), c, *self.tile_size)  # zeros = the padding of Eq. 1
+        for k, tile in enumerate(tiles):
+            rows, cols = self.window(tile)
+            crop = images[:, :, rows.start : min(rows.stop, h), cols.start : min(cols.stop, w)]
+            out[:, k, :, : crop.shape[2], : crop.shape[3]] = crop
+        return out
+
     def untile_sum(self, tiles: torch.Tensor) -> torch.Tensor:
         """(B, N, C, th, tw) -> (B, C, H, W) sum over overlapping tiles, padding removed."""
         b, n, c, th, tw = tiles.shape
