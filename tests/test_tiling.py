@@ -88,3 +88,14 @@ def test_tile_subset_equals_the_same_tiles_of_the_full_tiling():
     x = torch.randint(0, 255, (2, 3, 50, 70), dtype=torch.uint8)
     chosen = [0, 4, grid.num_tiles - 1]
     assert torch.equal(grid.tile_subset(x, chosen), grid.tile(x)[:, chosen])
+
+
+def test_lazy_tiles_are_the_slot_tiles_in_image_major_order():
+    from tiled_hydra.ensemble import LazyTiles, iter_tile_batches
+
+    grid = TileGrid.create(64, 32, 16)
+    x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    tiles = [1, 5]
+    lazy = torch.stack([LazyTiles(x, grid, tiles)[i][0] for i in range(6)])
+    eager = torch.cat([batch for _, batch in iter_tile_batches(x, grid, tiles, tiles_per_batch=4)])
+    assert torch.equal(lazy, eager)

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tiled_hydra import __version__
 from tiled_hydra.backbone import FrozenBackbone
@@ -64,6 +64,22 @@ def iter_tile_batches(images: torch.Tensor, grid: TileGrid, tiles: list[int], ti
         chunk = slice(start, min(start + per_batch, len(images)))
         tiled = grid.tile_subset(images[chunk], tiles)  # uint8 until the tiles are cut
         yield chunk, tiled.flatten(0, 1).float().div_(255)
+
+
+class LazyTiles(Dataset):
+    """Tiles of one slot cut on demand from the uint8 images: memory stays flat for models
+    that fold raw tiles into fixed-size statistics (``cache_embeddings = False``)."""
+
+    def __init__(self, images: torch.Tensor, grid: TileGrid, tiles: list[int]):
+        self.images, self.grid, self.tiles = images, grid, tiles
+
+    def __len__(self) -> int:
+        return len(self.images) * len(self.tiles)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor]:
+        image, k = divmod(index, len(self.tiles))
+        tile = self.grid.tile_subset(self.images[image : image + 1], [self.tiles[k]])[0, 0]
+        return (tile.float().div_(255),)
 
 
 @dataclass
@@ -142,7 +158,7 @@ class SlotRunner:
             dataset = TensorDataset(*(torch.cat([p[i].cpu() for p in parts]) for i in range(len(parts[0]))))
             del parts
         else:
-            dataset = TensorDataset(torch.cat([t for _, t in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)]))
+            dataset = LazyTiles(images, self.grid, self.slots[slot])
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=model.trainable, drop_last=False)
         trainer = L.Trainer(
             max_epochs=int(self.cfg.model.max_epochs), max_steps=int(self.cfg.model.max_steps), **self.trainer_kwargs
