@@ -81,3 +81,33 @@ class AnomalyModule(L.LightningModule):
             if buffer_name in module._buffers and module._buffers[buffer_name] is not None:
                 if module._buffers[buffer_name].shape != value.shape:
                     module._buffers[buffer_name] = torch.empty_like(value)
+
+
+class CollectingModule(AnomalyModule):
+    """A slot that only collects embeddings in one pass and fits ``self.model`` at the end.
+
+    ``self.model`` must offer ``embed(features)``, ``fit(embeddings)`` and
+    ``forward(embedding, output_size) -> (maps, scores)`` (PaDiM, PatchCore).
+    """
+
+    trainable = False
+
+    def __init__(self, backbone: FrozenBackbone):
+        super().__init__(backbone)
+        self.automatic_optimization = False
+        self._collected: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self.backbone(tiles))
+
+    def training_step(self, batch, batch_idx):
+        self._collected.append(batch[0].detach())
+
+    def on_train_end(self) -> None:
+        self.model.fit(torch.cat(self._collected))
+        self._collected.clear()
+
+    @torch.no_grad()
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))

@@ -30,7 +30,7 @@ class PadimModel(nn.Module):
         self.register_buffer("mean", torch.empty(0))  # (P, D)
         self.register_buffer("whitening", torch.empty(0))  # (P, D, D): inverse Cholesky factor of the covariance
 
-    def reduce(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Backbone stages -> embedding (B, D, h, w) of the selected channels."""
         return concat_stages(features).index_select(1, self.channel_index)
 

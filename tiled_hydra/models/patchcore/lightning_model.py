@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from tiled_hydra.backbone import FrozenBackbone
-from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.base import CollectingModule
 from tiled_hydra.models.patchcore.torch_model import PatchcoreModel
 
 
-class Patchcore(AnomalyModule):
-    trainable = False
-
+class Patchcore(CollectingModule):
     def __init__(
         self,
         backbone: FrozenBackbone,
@@ -24,21 +20,4 @@ class Patchcore(AnomalyModule):
     ):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])
-        self.automatic_optimization = False
         self.model = PatchcoreModel(pool_size, coreset_ratio, projection_dim, num_neighbors, blur_sigma)
-        self._collected: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self.backbone(tiles))
-
-    def training_step(self, batch, batch_idx):
-        self._collected.append(batch[0].detach())
-
-    def on_train_end(self) -> None:
-        self.model.fit(torch.cat(self._collected))
-        self._collected.clear()
-
-    @torch.no_grad()
-    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))
