@@ -127,7 +127,8 @@ class SlotRunner:
         path = self.checkpoint_path(slot)
         if not path.exists():
             return False
-        return torch.load(path, map_location="cpu", weights_only=True)["fingerprint"] == self.fingerprint
+        # mmap: only the fingerprint is read, not the slot's tensors (hundreds of MB for PaDiM)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["fingerprint"] == self.fingerprint
 
     # -- training ----------------------------------------------------------------------------
     def train_all(self, images: torch.Tensor, on_slot: Callable[[int, int, str], None] | None = None) -> int:
