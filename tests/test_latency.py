@@ -34,7 +34,7 @@ def trained_runner(cfg, run_dir):
 def test_timed_step_equals_the_runs_inference(compose_cfg, mvtec_root, tmp_path, setup):
     cfg = compose_cfg(tiny_overrides(setup, mvtec_root))
     runner, grid, data = trained_runner(cfg, tmp_path)
-    maps, scores = predict_split(runner, grid, data.test, cfg)
+    maps, scores, _ = predict_split(runner, grid, data.test, cfg)
     step = TiledInference([runner.load(s) for s in range(len(runner.slots))], runner.slots, grid, cfg.merge, runner.device)
     step_maps, step_scores = step(data.test.images)
     torch.testing.assert_close(step_maps, maps, atol=1e-5, rtol=1e-5)
