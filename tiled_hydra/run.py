@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.datastats import defect_share
-from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.ensemble import SlotRunner, summarize
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.latency import measure_speed
 from tiled_hydra.memory import PeakMemory
@@ -47,8 +47,9 @@ def make_grid(setup: DictConfig) -> TileGrid:
 
 
 def check_config(cfg: DictConfig) -> None:
-    if "setup" not in cfg or cfg.setup is None:
-        raise ConfigError(f"no setup chosen: add +setup=NAME, NAME one of {', '.join(available('setup'))}")
+    from tiled_hydra.validate import validate
+
+    validate(cfg)
 
 
 def predict_split(runner: SlotRunner, grid: TileGrid, split: Split, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -83,9 +84,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     def report_slot(slot: int, total: int, what: str) -> None:
         log.info("slot %d of %d %s", slot + 1, total, what)
 
-    start = time.perf_counter()
-    train_peak = runner.train_all(data.train.images, report_slot)
-    train_seconds = time.perf_counter() - start
+    train = summarize(runner.train_all(data.train.images, report_slot))  # over all slots, resumed ones too
 
     val_maps = val_scores = None
     if data.val is not None:
@@ -113,10 +112,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     results = {
         **metrics,
-        "train_peak_mem_bytes": int(train_peak),
+        **train,  # train_seconds, train_peak_mem_bytes, resumed_slots, checkpoint_bytes
         "infer_peak_mem_bytes": int(infer_peak),
         "mem_kind": PeakMemory(device).kind,
-        "train_seconds": round(train_seconds, 3),
         "infer_seconds": round(infer_seconds, 3),
         "infer_images_per_second": round(len(test) / infer_seconds, 3),
         **speed,
@@ -128,6 +126,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "dataset": str(cfg.dataset.name),
         "category": str(cfg.dataset.category),
         "seed": int(cfg.seed),
+        "fingerprint": runner.fingerprint,  # of every setting that changes the weights (tiled_hydra.rundir)
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
