@@ -21,8 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from tiled_hydra import __version__
 from tiled_hydra.errors import ConfigError
 
-# Config sections that determine a slot's weights and the predictions.
-IDENTITY_SECTIONS = ("dataset", "backbone", "model", "setup", "seed", "trainer", "inference")
+# Config sections that determine a slot's weights, the predictions or the reported numbers.
+IDENTITY_SECTIONS = ("dataset", "backbone", "model", "setup", "seed", "trainer", "inference", "merge", "metrics", "speed")
+# Keys of those sections that change no reported number (sweeps re-run with speed.enabled=false
+# find their finished jobs again, see conf/sweep/_job_dirs.yaml).
+NEUTRAL_KEYS = {"speed.enabled"}
 # Trainer keys that change nothing in the weights: where they run, and what Lightning prints.
 TRAINER_NEUTRAL_KEYS = {"accelerator", "devices", "logger", "enable_checkpointing", "enable_progress_bar",
                         "enable_model_summary", "num_sanity_val_steps", "log_every_n_steps", "default_root_dir"}
@@ -49,7 +52,7 @@ def identity(cfg: DictConfig) -> dict:
         if section == "trainer":
             value = {k: v for k, v in value.items() if k not in TRAINER_NEUTRAL_KEYS}
         out |= flatten(value, section)
-    return out
+    return {k: v for k, v in out.items() if k not in NEUTRAL_KEYS}
 
 
 def fingerprint_of(ident: dict) -> str:
