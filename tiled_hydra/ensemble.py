@@ -109,8 +109,8 @@ class SlotProgressBar(TQDMProgressBar):
 
 
 def show_progress(setting) -> bool:
-    """progress: true | false | auto (auto: only when stderr is a terminal, never in log files)."""
-    return setting is True or (setting in (None, "auto") and sys.stderr.isatty())
+    """progress: true | false | auto (auto: only when stdout is a terminal, never in log files)."""
+    return setting is True or (setting in (None, "auto") and sys.stdout.isatty())
 
 
 @dataclass
@@ -204,7 +204,8 @@ class SlotRunner:
         """Fit every slot not trained yet; returns every slot's record, with ``resumed`` set for
         the slots found on disk (their seconds and peak memory are those measured when trained)."""
         records = []
-        with tqdm(total=len(self.slots), desc="slots", unit="slot", disable=not self.progress, position=0) as bar:
+        with tqdm(total=len(self.slots), desc="slots", unit="slot", disable=not self.progress, position=0,
+                  file=sys.stdout) as bar:  # stdout, as Lightning's step bar below it
             for slot in range(len(self.slots)):
                 record = self.trained_record(slot)
                 if record is not None:
