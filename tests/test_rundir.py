@@ -69,6 +69,8 @@ def test_rerun_with_other_settings_is_refused_and_overwrites_nothing(mvtec_root,
     first = cli(tiny_overrides("sm256", mvtec_root) + ["keep_checkpoints=false"], run_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "configure_optimizers" not in first.stderr  # issue item 8: the filter matches Lightning's text
+    assert "slots:" not in first.stdout + first.stderr  # progress=auto and no terminal: no bars in logs
+    assert first.stdout.splitlines()[0].endswith(f"run dir: {run_dir} (the same hydra.run.dir={run_dir} resumes an interrupted run)")
     results = (run_dir / "results.json").read_bytes()
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "name: padim" in config
