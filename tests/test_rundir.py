@@ -277,3 +277,8 @@ def test_padim_checkpoint_stores_the_triangle_exactly(compose_cfg, mvtec_root, t
     triangle_bytes = p * d * (d + 1) // 2 * 4
     assert triangle_bytes < results["checkpoint_bytes"] < triangle_bytes * 1.1
     assert state["model.whitening_tril"].dtype == torch.float32
+
+
+def test_hydra_flags_still_reach_hydra():
+    proc = cli(["+setup=sm256", "seed=3", "--cfg", "job", "-p", "seed"], None)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr

@@ -131,7 +131,12 @@ def check_group_choices(args: list[str]) -> None:
     """An unknown option of a config group (model=nope, +setup=ens99) as one line naming the choices."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [a for a in args if not a.startswith("-")]
+    from hydra._internal.utils import get_args_parser
+
+    try:  # Hydra's own parser tells overrides from its flags (--cfg job, -p KEY, --config-name NAME)
+        overrides = get_args_parser().parse_known_args(args)[0].overrides
+    except SystemExit:
+        return  # Hydra reports its own flag errors
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
