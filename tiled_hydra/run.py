@@ -14,11 +14,12 @@ from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.datastats import defect_share
 from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
+from tiled_hydra.evaluation import pixel_metrics
 from tiled_hydra.latency import measure_speed
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
-from tiled_hydra.postprocess import cross_fit, fit_postprocessor
+from tiled_hydra.postprocess import cross_fit, fit_postprocessor, fold_postprocessors
 from tiled_hydra.report import write_overlays
 from tiled_hydra.tiling import TileGrid
 
@@ -104,13 +105,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
         pred_labels, pred_masks = post.predict(test_scores, test_maps)
         norm_maps = post.normalize_maps(test_maps)
+        pixel_thresholds = torch.full((len(test),), post.pixel_threshold)
     else:
-        pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
-    metrics = compute_metrics(
-        test_scores, test.labels, pred_labels,
-        maps=test_maps if test.masks is not None else None, masks=test.masks,
-        pred_masks=pred_masks if test.masks is not None else None, fpr_limit=float(cfg.metrics.aupro_fpr_limit),
-    )
+        fitted = fold_postprocessors(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
+        pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks,
+                                                          int(cfg.seed), fitted=fitted)
+        folds, posts = fitted
+        pixel_thresholds = torch.tensor([posts[int(f)].pixel_threshold for f in folds])
+    metrics = compute_metrics(test_scores, test.labels, pred_labels)
+    if test.masks is not None:  # pixel metrics at metrics.resolution (evaluation.py)
+        metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics)
     results = {
         **metrics,
         "train_peak_mem_bytes": int(train_peak),
