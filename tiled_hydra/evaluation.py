@@ -38,6 +38,7 @@ from tiled_hydra.metrics import PixelCurves, _aupro_of, average_precision, regio
 
 EXACT_PIXEL_LIMIT = 2**25  # ~1.3 GB for the exact sort (values, order, region ids)
 STREAM_THRESHOLDS = 2**16
+PER_IMAGE_THRESHOLDS = 1024  # per-image histograms kept for bootstrap intervals over test images (compare)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -129,8 +130,8 @@ class RegionTally:
 
 # -- curves streamed into histograms -----------------------------------------------------------------
 def threshold_edges(maps: torch.Tensor, shapes: list[tuple[int, int]], count: int = STREAM_THRESHOLDS) -> torch.Tensor:
-    """Ascending thresholds: -inf, then quantiles of the evaluated (upsampled) values, from a seeded
-    sample of at most 2^22 of them, taken image by image."""
+    """Ascending thresholds: -inf, then the distinct evaluated (upsampled) values, from a seeded sample
+    of at most 2^22 of them taken image by image; their quantiles when there are more than ``count``."""
     generator = torch.Generator().manual_seed(0)
     per_image = max(1, 2**22 // len(maps))
     samples = []
@@ -140,8 +141,10 @@ def threshold_edges(maps: torch.Tensor, shapes: list[tuple[int, int]], count: in
             values = values[torch.randint(values.numel(), (per_image,), generator=generator)]
         samples.append(values.double())
     ordered = torch.cat(samples).sort().values
-    picks = ordered[torch.linspace(0, ordered.numel() - 1, count - 1).round().long()]
-    return torch.cat([torch.tensor([-math.inf], dtype=torch.float64), torch.unique(picks)])
+    distinct = torch.unique_consecutive(ordered)
+    if distinct.numel() > count - 1:  # quantiles: equal pixel mass between thresholds
+        distinct = torch.unique_consecutive(ordered[torch.linspace(0, ordered.numel() - 1, count - 1).round().long()])
+    return torch.cat([torch.tensor([-math.inf], dtype=torch.float64), distinct])
 
 
 @dataclass
@@ -157,16 +160,20 @@ class CurveHistograms:
         self.normal, self.anomalous = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
         self.pro = torch.zeros(k, dtype=torch.float64)
 
-    def add(self, values: torch.Tensor, regions: np.ndarray, region_sizes: np.ndarray) -> None:
+    def add(self, values: torch.Tensor, regions: np.ndarray, region_sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Add one image; returns its own (normal, anomalous, pro) histograms."""
         bins = (torch.searchsorted(self.edges, values.reshape(-1).double(), right=True) - 1).numpy()
         region_of = regions.reshape(-1)
         inside = region_of > 0
         k = len(self.edges)
-        self.normal += torch.from_numpy(np.bincount(bins[~inside], minlength=k).astype(np.float64))
-        self.anomalous += torch.from_numpy(np.bincount(bins[inside], minlength=k).astype(np.float64))
-        weights = 1.0 / region_sizes[region_of[inside]]
-        self.pro += torch.from_numpy(np.bincount(bins[inside], weights=weights, minlength=k))
+        normal = np.bincount(bins[~inside], minlength=k).astype(np.float64)
+        anomalous = np.bincount(bins[inside], minlength=k).astype(np.float64)
+        pro = np.bincount(bins[inside], weights=1.0 / region_sizes[region_of[inside]], minlength=k)
+        self.normal += torch.from_numpy(normal)
+        self.anomalous += torch.from_numpy(anomalous)
+        self.pro += torch.from_numpy(pro)
         self.num_regions += len(region_sizes) - 1
+        return normal, anomalous, pro
 
     def curves(self) -> PixelCurves | None:
         num_normal, num_anomalous = int(self.normal.sum()), int(self.anomalous.sum())
@@ -183,11 +190,14 @@ class CurveHistograms:
 
 
 # -- the metrics ---------------------------------------------------------------------------------------
-def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tensor, metrics_cfg) -> dict:
+def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tensor, metrics_cfg,
+                  per_image: dict | None = None) -> dict:
     """Pixel metrics of merged maps (N, h, w) against ``split``'s ground truth at ``metrics_cfg.resolution``.
 
     ``pixel_thresholds`` (N,): the threshold fitted on data other than each image (one value with a
-    validation split; per fold when cross-fitted).
+    validation split; per fold when cross-fitted). ``per_image``, when given, receives every image's
+    histograms over PER_IMAGE_THRESHOLDS thresholds (``edges``, ``normal``, ``anomalous``, ``pro``
+    (N, K) and ``regions`` (N,)): enough to recompute the curves on any resample of the images.
     """
     mode, size = resolve_resolution(metrics_cfg.resolution, split, metrics_cfg.fallback_resolution)
     overlap = float(metrics_cfg.region_overlap)
@@ -195,6 +205,8 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
     shapes = [tuple(maps.shape[-2:]) if mode == "setup" else (size or split.native_sizes[i]) for i in range(len(split))]
     exact = sum(h * w for h, w in shapes) <= EXACT_PIXEL_LIMIT
     histograms = None if exact else CurveHistograms(threshold_edges(maps, shapes, STREAM_THRESHOLDS))
+    coarse = None if per_image is None else CurveHistograms(threshold_edges(maps, shapes, PER_IMAGE_THRESHOLDS))
+    coarse_rows = []
     values_all, regions_all, offset = [], [], 0
     true_pos = false_pos = false_neg = 0
     for i in range(len(split)):
@@ -214,6 +226,12 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
             offset += count
         else:
             histograms.add(values, regions, region_sizes.astype(np.float64))
+        if coarse is not None:
+            coarse_rows.append((*coarse.add(values, regions, region_sizes.astype(np.float64)), count))
+    if coarse is not None:
+        normal, anomalous, pro, counts = zip(*coarse_rows)
+        per_image.update(edges=coarse.edges.numpy(), normal=np.stack(normal), anomalous=np.stack(anomalous),
+                         pro=np.stack(pro), regions=np.array(counts))
     if exact:
         curves = region_curves(torch.cat(values_all), torch.cat(regions_all), offset)
         del values_all, regions_all

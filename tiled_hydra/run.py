@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
+from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.datastats import defect_share
 from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
@@ -113,8 +114,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         folds, posts = fitted
         pixel_thresholds = torch.tensor([posts[int(f)].pixel_threshold for f in folds])
     metrics = compute_metrics(test_scores, test.labels, pred_labels)
+    per_image: dict = {}  # per-image records for bootstrap intervals in compare (bootstrap.py)
     if test.masks is not None:  # pixel metrics at metrics.resolution (evaluation.py)
-        metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics)
+        metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics, per_image=per_image)
+    save_per_image(run_dir / PER_IMAGE_FILE, test.paths or [str(i) for i in range(len(test))], test.labels,
+                   test_scores, per_image)
     results = {
         **metrics,
         "train_peak_mem_bytes": int(train_peak),
