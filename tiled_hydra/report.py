@@ -1,4 +1,4 @@
-"""What a run leaves behind: results.json (written last, atomically), overlays, a table."""
+"""What a run leaves behind: results.json (written last, atomically), overlays (overlays.py), a table."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tiled_hydra.data.base import Split  # noqa: E402
+from tiled_hydra.overlays import save_overlay  # noqa: E402
 
 METRIC_KEYS = ("image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1")
 
@@ -46,27 +43,6 @@ def overlay_indices(scores: torch.Tensor, labels: torch.Tensor, count: int) -> l
     return unique[:count]
 
 
-def save_overlay(path: Path, image: torch.Tensor, mask: torch.Tensor | None, anomaly_map: torch.Tensor,
-                 prediction: torch.Tensor | None, title: str) -> None:
-    panels = [("image", image.permute(1, 2, 0).numpy(), None), ("ground truth", None if mask is None else mask.numpy(), "gray"),
-              ("anomaly map", anomaly_map.numpy(), "jet"), ("prediction", None if prediction is None else prediction.numpy(), "gray")]
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, (name, array, cmap) in zip(axes, panels):
-        ax.set_title(name)
-        ax.axis("off")
-        if array is None:
-            ax.text(0.5, 0.5, "n/a", ha="center", va="center")
-        elif name == "anomaly map":
-            ax.imshow(image.permute(1, 2, 0).numpy())
-            ax.imshow(array, cmap=cmap, alpha=0.5, vmin=0, vmax=1)
-        else:
-            ax.imshow(array, cmap=cmap, vmin=0, vmax=255 if name == "image" else 1)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def print_table(results: dict) -> None:
     table = Table(title=f"{results['setup']} / {results['model']} / {results['backbone']} on {results['dataset']}:{results['category']}")
     table.add_column("metric")
@@ -82,12 +58,16 @@ def print_table(results: dict) -> None:
 
 
 def write_overlays(run_dir: Path, test: Split, scores: torch.Tensor, norm_maps: torch.Tensor,
-                  pred_masks: torch.Tensor | None, overlays: int) -> None:
+                  pred_masks: torch.Tensor | None, overlays: int) -> list[Path]:
+    """Overlay PNGs (overlays.py) of the best-detected, worst-missed and worst false-alarm test images.
+    ``norm_maps`` are normalised so that the pixel threshold is 0.5 (``pred_masks`` is norm_maps >= 0.5)."""
     overlay_dir = run_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for i, tag in overlay_indices(scores, test.labels, overlays):
         name = Path(test.paths[i]).stem if test.paths else str(i)
         kind = test.defect_types[i] if test.defect_types else ("defect" if test.labels[i] else "good")
-        save_overlay(overlay_dir / f"{tag}_{kind}_{name}.png", test.images[i],
-                     None if test.masks is None else test.masks[i], norm_maps[i],
-                     None if pred_masks is None else pred_masks[i], f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
+        path = overlay_dir / f"{tag}_{kind}_{name}.png"
+        save_overlay(path, test, i, norm_maps[i], 0.5, f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
+        written.append(path)
+    return written
