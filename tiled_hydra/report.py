@@ -13,7 +13,7 @@ from rich.table import Table  # noqa: E402
 from tiled_hydra.data.base import Split  # noqa: E402
 from tiled_hydra.overlays import save_overlay  # noqa: E402
 
-METRIC_KEYS = ("image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1")
+METRIC_KEYS = ("image_AUROC", "pixel_AUPRO", "pixel_AUPRO_05", "pixel_AUROC", "pixel_AP", "image_F1", "pixel_F1")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -50,6 +50,11 @@ def print_table(results: dict) -> None:
     for key in METRIC_KEYS:
         if key in results:
             table.add_row(key, f"{results[key]:.4f}")
+    counts = results.get("region_count_by_size", {})
+    for label, recall in results.get("region_recall_by_size", {}).items():
+        table.add_row(f"region recall {label}", "no region" if recall != recall else f"{recall:.3f} of {counts.get(label, '?')}")
+    if "metrics_resolution" in results:
+        table.add_row("pixel metrics at", str(results["metrics_resolution"]))
     table.add_row("train_seconds", f"{results['train_seconds']:.1f}")
     table.add_row("infer_images_per_second", f"{results['infer_images_per_second']:.2f}")
     for key in ("train_peak_mem_bytes", "infer_peak_mem_bytes"):
@@ -71,3 +76,34 @@ def write_overlays(run_dir: Path, test: Split, scores: torch.Tensor, norm_maps: 
         save_overlay(path, test, i, norm_maps[i], 0.5, f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
         written.append(path)
     return written
+
+
+def write_region_recall_figure(run_dir: Path, results: dict) -> Path | None:
+    """Bar chart of region_recall_by_size (share of ground-truth regions found, per defect size)."""
+    recall = results.get("region_recall_by_size")
+    if not recall:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = results.get("region_count_by_size", {})
+    labels = list(recall)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    values = [0.0 if v != v else v for v in recall.values()]  # NaN (no region of that size): no bar
+    bars = ax.bar(range(len(labels)), values, color="tab:blue")
+    for bar, label in zip(bars, labels):
+        n = counts.get(label, 0)
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, f"n={n}" if n else "none", ha="center", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("defect region size (share of the image)")
+    ax.set_ylabel("regions detected")
+    ax.set_title(f"{results['setup']} / {results['model']}: region recall at {results.get('metrics_resolution', '?')} resolution",
+                 fontsize=9)
+    fig.tight_layout()
+    path = run_dir / "region_recall.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

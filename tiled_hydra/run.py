@@ -21,7 +21,7 @@ from tiled_hydra.memory import PeakMemory
 from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
 from tiled_hydra.postprocess import cross_fit, fit_postprocessor, fold_postprocessors
-from tiled_hydra.report import write_overlays
+from tiled_hydra.report import write_overlays, write_region_recall_figure
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
@@ -139,4 +139,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
+    write_region_recall_figure(run_dir, results)
     return results
