@@ -210,3 +210,50 @@ def cmp_figures_stats(path: Path) -> dict:
     from tiled_hydra.figures import load_datastats
 
     return load_datastats(path)
+
+
+# -- runs that differ in other settings (issue 13 item 5) ------------------------------------------------
+def variant_config(n_features: int, score: str = "mean") -> dict:
+    return {**setup_config("sm256"), "model": {"name": "padim", "net": {"n_features": n_features}}, "merge": {"score": score},
+            "logger": {"mode": "offline"}}
+
+
+def test_runs_differing_in_a_setting_get_their_own_column(tmp_path):
+    root = tmp_path / "multirun"
+    write_job(root, fake_run("sm256", "padim", "a", 0, 0.80, fingerprint="f20"), variant_config(20), tag="20")
+    write_job(root, fake_run("sm256", "padim", "a", 0, 0.90, fingerprint="f100"), variant_config(100), tag="100")
+    # The same configuration run twice (same fingerprint) is the only true duplicate.
+    write_job(root, fake_run("sm256", "padim", "a", 0, 0.90, fingerprint="f100"), variant_config(100), tag="100again")
+    # A different logger changes no result and names no column.
+    write_job(root, fake_run("sm256", "patchcore", "a", 0, 0.70, fingerprint="pc"), {**setup_config("sm256"), "logger": {"mode": "online"}})
+    result = cmp.compare([str(root)], tmp_path / "out")
+    table = result["tables"][0]
+    assert table.columns == ["patchcore", "padim (model.net.n_features=100)", "padim (model.net.n_features=20)"]
+    assert table.get(("sm256",), "padim (model.net.n_features=20)", "image_AUROC").mean == pytest.approx(0.80)
+    assert table.get(("sm256",), "padim (model.net.n_features=100)", "image_AUROC").mean == pytest.approx(0.90)
+    assert "left out 1 duplicate run(s) (same configuration fingerprint)" in result["notes"]
+    assert len(result["runs"]) == 3
+
+
+@pytest.mark.slow
+def test_real_sweep_over_a_model_setting_keeps_both_runs(tmp_path):
+    from tests.test_run import tiny_overrides
+
+    root = write_mvtec(tmp_path / "data", n_train=4, n_good=2, n_bad=2)
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tiled_hydra", "-m", *tiny_overrides("sm256", root), "speed.enabled=false",
+                           "model.net.n_features=20,50", f"hydra.sweep.dir={sweep}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert len(jobs) == 2
+    # A copy of a finished job is the same configuration: the one duplicate.
+    import shutil
+
+    shutil.copytree(jobs[0], sweep / "copy_of_first_job", ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    result = cmp.compare([str(sweep)], tmp_path / "out")
+    assert result["tables"][0].columns == ["padim (model.net.n_features=20)", "padim (model.net.n_features=50)"]
+    assert "left out 1 duplicate run(s) (same configuration fingerprint)" in result["notes"]
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "padim (model.net.n_features=20)" in markdown and "padim (model.net.n_features=50)" in markdown

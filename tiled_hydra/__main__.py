@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,44 +12,68 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tiled_hydra.errors import TiledHydraError
+from tiled_hydra.errors import ConfigError, TiledHydraError
+from tiled_hydra.validate import CONF_DIR, group_options, user_groups
 
 log = logging.getLogger("tiled_hydra")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    # Re-running a sweep into the same hydra.sweep.dir skips the jobs that already finished:
-    # results.json is written last, so its presence means the job completed.
-    done = Path(HydraConfig.get().runtime.output_dir) / "results.json"
-    if cfg.get("skip_completed", False) and done.exists():
-        log.info("skipped: %s exists (skip_completed=false runs it again)", done)
-        return json.loads(done.read_text())
-
-    # Imports inside: `--help` and config errors answer without loading torch.
-    from tiled_hydra.report import print_table, write_json_atomic
-    from tiled_hydra.run import check_config, run
-    from tiled_hydra.tracking import make_tracker
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    log.info("run dir: %s (the same hydra.run.dir=%s resumes an interrupted run)", run_dir, run_dir)
+    from tiled_hydra.rundir import RunDirLock
+
     try:
-        check_config(cfg)
-        tracker = make_tracker(cfg, run_dir, group)
+        from tiled_hydra.validate import validate
+
+        validate(cfg)  # before any data loads
+        with RunDirLock(run_dir):
+            return run_job(cfg, run_dir)
     except TiledHydraError as err:
         fail(err)
+
+
+def run_job(cfg: DictConfig, run_dir: Path) -> dict:
+    """One job in a run directory it holds the lock of."""
+    from tiled_hydra.rundir import check_results, check_slot_records, identity, save_config
+
+    hydra_cfg = HydraConfig.get()
+    # Results or slots of another configuration are refused before this job writes anything.
+    slot_identity = check_slot_records(run_dir / "checkpoints", identity(cfg))
+    done = check_results(run_dir, cfg, slot_identity)
+    if done is not None and cfg.get("skip_completed", False):
+        # Re-running a sweep into the same hydra.sweep.dir skips the jobs that already finished.
+        log.info("skipped: %s holds the results of this configuration (skip_completed=false runs it again)",
+                 run_dir / "results.json")
+        return done
+    save_config(run_dir, cfg, list(hydra_cfg.overrides.task))  # this job now owns the directory
+
+    # Imports inside: `--help` and config errors answer without loading torch.
+    from tiled_hydra.report import print_table
+    from tiled_hydra.rundir import write_json_atomic
+    from tiled_hydra.run import run
+    from tiled_hydra.tracking import make_tracker, read_slot_records
+
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    tracker = make_tracker(cfg, run_dir, group)
     try:
         results = run(cfg, run_dir)
+        tracker.log_slots(read_slot_records(run_dir / "checkpoints"))
         tracker.log_results(results)
-    except TiledHydraError as err:
-        tracker.finish(exit_code=1)
-        fail(err)
+        tracker.log_overlays(sorted((run_dir / "overlays").glob("*.png")))
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
     write_json_atomic(run_dir / "results.json", results)  # last: its presence means the run completed
+    if not cfg.get("keep_checkpoints", True):
+        freed = sum(p.stat().st_size for p in (run_dir / "checkpoints").glob("slot_*.pt"))
+        for path in (run_dir / "checkpoints").glob("slot_*.pt"):
+            path.unlink()
+        log.info("keep_checkpoints=false: deleted the slot checkpoints (%.1f MiB); results, config and records stay",
+                 freed / 2**20)
     print_table(results)
     log.info("results: %s", run_dir / "results.json")
     return results
@@ -61,5 +85,90 @@ def fail(err: Exception) -> None:
     sys.exit(1)
 
 
+# -- before Hydra: help and the choice of every config group ----------------------------------------
+HELP = """usage: python -m tiled_hydra +setup=SETUP [group=option ...] [key=value ...]
+       python -m tiled_hydra -m +setup=sm256,ens9 model=padim,patchcore ...   (a sweep)
+
++setup= is required: {setups}
+
+config groups (option in [brackets] is the default):
+{groups}
+
+common keys: seed=0  dataset.category=...  dataset.root=DIR  model.max_steps=N  trainer.accelerator=cpu|gpu
+             hydra.run.dir=DIR (re-run with the same DIR to resume)  skip_completed=true|false
+             keep_checkpoints=true|false  progress=auto|true|false  logger=none
+every key and its default: python -m tiled_hydra +setup=sm256 --cfg job
+Hydra's own help: python -m tiled_hydra --hydra-help
+"""
+
+
+def defaults() -> dict[str, str]:
+    import yaml
+
+    out = {}
+    for entry in yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", []):
+        if isinstance(entry, dict):
+            out |= {str(k): str(v) for k, v in entry.items()}
+    return out
+
+
+def help_text() -> str:
+    chosen = defaults()
+    lines = []
+    for group in user_groups():
+        if group == "setup":
+            continue
+        options = [f"[{o}]" if o == chosen.get(group) else o for o in group_options(group)]
+        prefix = "+" if group not in chosen else ""
+        lines.append(f"  {prefix}{group}=  {', '.join(options)}")
+    return HELP.format(setups=", ".join(group_options("setup")), groups="\n".join(lines))
+
+
+def check_group_choices(args: list[str]) -> None:
+    """An unknown option of a config group (model=nope, +setup=ens99) as one line naming the choices."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    groups = set(user_groups())
+    for override in parsed:
+        group = override.key_or_group
+        if group not in groups or override.is_delete():
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if value is None or str(value) == "null":
+                continue
+            if not (CONF_DIR / group / f"{value}.yaml").exists():
+                plus = "+" if group == "setup" and override.is_add() else ""
+                raise ConfigError(f"{plus}{group}={value}: no such option ({group}/{value}); choose one of "
+                                  f"{', '.join(group_options(group))}")
+
+
+def cli(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
+    if any(a in ("-h", "--help") for a in args):
+        print(help_text())
+        return
+    try:
+        check_group_choices(args)
+    except ConfigError as err:
+        fail(err)
+    # Hydra raises instead of printing its multi-line report and HYDRA_FULL_ERROR hint; its
+    # composition errors (a key that does not exist, a bad override) become one line below.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        fail(ConfigError(f"{first} (python -m tiled_hydra --help lists the groups and keys)"))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

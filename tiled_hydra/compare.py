@@ -29,47 +29,35 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PAPER_SETUPS = ("sm256", "sm512", "st4", "st9", "ens4", "ens9")  # row order of paper Tables 1-2
-PAPER_MODELS = ("patchcore", "padim", "fastflow", "reverse_distillation")  # column order
-TABLE_METRICS = ("image_AUROC", "pixel_AUPRO")
-IDENTITY_KEYS = ("dataset", "category", "setup", "model", "seed")
-RESOLUTION_STUDY = "resolution"
+from tiled_hydra.records import (  # noqa: F401  (re-exported: the records are compare's vocabulary)
+    IDENTITY_KEYS,
+    PAPER_MODELS,
+    PAPER_SETUPS,
+    RESOLUTION_STUDY,
+    TABLE_METRICS,
+    CompareError,
+    label_variants,
+    make_run,
+    paper_order,
+    settings_of,
+    side,
+)
+
 WANDB_PROJECT = re.compile(r"[\w.-]+/[\w.-]+")
 BEST, SECOND = 1, 2
 
 
-class CompareError(Exception):
-    """A bad SOURCE or option: the message is the one line the user sees."""
-
-
 # -- reading runs ----------------------------------------------------------------------------------
-def side(size) -> int | None:
-    """Image or tile size as one number (the longer side for [h, w])."""
-    if size is None:
-        return None
-    return int(size) if isinstance(size, (int, float)) else max(int(s) for s in size)
-
-
-def make_run(results: dict, config: dict, source: str) -> dict:
-    """One flat record: the results keys plus image/tile size and study from the run's config."""
-    setup = config.get("setup") or {}
-    run = dict(results)
-    run.setdefault("image_size", side(setup.get("image_size")))
-    run.setdefault("tile_size", side(setup.get("tile_size")))
-    run.setdefault("stride", side(setup.get("stride")))
-    run["study"] = config.get("study") or results.get("study") or ""
-    run["source"] = source
-    return run
-
-
 def job_config(results_file: Path) -> dict:
-    """The parts of a job's saved Hydra config that compare needs (setup sizes resolved, study)."""
+    """The job's saved configuration (resolved where it can be), or {} when there is none."""
     path = results_file.parent / ".hydra" / "config.yaml"
     if not path.exists():
         return {}
     cfg = OmegaConf.load(path)
-    setup = cfg.get("setup")
-    return {"setup": OmegaConf.to_container(setup, resolve=True) if setup is not None else {}, "study": cfg.get("study")}
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation only Hydra can resolve (${hydra:...}): keep it as written
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def runs_from_results(root: Path) -> list[dict]:
@@ -131,6 +119,8 @@ def load_runs(sources: list[str], from_wandb: bool = False) -> tuple[list[dict],
 
 
 def clean(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """Drop runs without results and true duplicates (same fingerprint: the same configuration
+    run twice); runs that differ in any setting stay, labelled by the settings that differ."""
     notes, kept, seen = [], [], set()
     incomplete = [r["source"] for r in runs if any(r.get(k) is None for k in IDENTITY_KEYS)]
     if incomplete:
@@ -139,16 +129,21 @@ def clean(runs: list[dict]) -> tuple[list[dict], list[str]]:
     for run in runs:
         if any(run.get(k) is None for k in IDENTITY_KEYS):
             continue
-        key = tuple(str(run.get(k)) for k in (*IDENTITY_KEYS, "backbone", "study", "image_size", "tile_size"))
+        # Runs written before fingerprints: the same identity and every same setting.
+        key = run.get("fingerprint") or repr((tuple(str(run.get(k)) for k in (*IDENTITY_KEYS, "backbone", "study", "image_size", "tile_size")),
+                                             sorted((k, repr(v)) for k, v in run.get("settings", {}).items())))
         if key in seen:
             duplicates += 1
             continue
         seen.add(key)
         kept.append(run)
     if duplicates:
-        notes.append(f"left out {duplicates} duplicate run(s) (same dataset, category, setup, model, seed)")
+        notes.append(f"left out {duplicates} duplicate run(s) (same configuration fingerprint)")
     if not kept:
         raise CompareError(f"no finished run among the {len(runs)} found" + (f": {notes[0]}" if notes else ""))
+    keys = label_variants(kept)
+    if keys:
+        notes.append(f"runs differ in {', '.join(keys)}: one column per setting, named key=value")
     return kept, notes
 
 
@@ -195,22 +190,18 @@ class Table:
         return self.cells.get((row, column, metric))
 
 
-def paper_order(values, preferred) -> list[str]:
-    values = set(values)
-    return [v for v in preferred if v in values] + sorted(values - set(preferred))
-
-
-def column_of(run: dict, several_backbones: bool) -> str:
-    return f"{run['model']} ({run.get('backbone')})" if several_backbones else str(run["model"])
+def column_of(run: dict) -> str:
+    """The model, and the settings in which it differs from runs of the same identity (Hydra's
+    override-dirname style), e.g. ``padim (model.net.n_features=20)``."""
+    return f"{run['model']} ({run['variant']})" if run.get("variant") else str(run["model"])
 
 
 def build_table(runs: list[dict], dataset: str, per_category: bool = False) -> Table:
     runs = [r for r in runs if r["dataset"] == dataset]
-    several_backbones = len({r.get("backbone") for r in runs}) > 1
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         row = (str(run["category"]), str(run["setup"])) if per_category else (str(run["setup"]),)
-        groups[row, column_of(run, several_backbones)].append(run)
+        groups[row, column_of(run)].append(run)
     setups = paper_order({r["setup"] for r in runs}, PAPER_SETUPS)
     models = paper_order({r["model"] for r in runs}, PAPER_MODELS)
     columns = sorted({c for _, c in groups}, key=lambda c: (models.index(c.split(" (")[0]), c))

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,14 +22,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
 
-from tiled_hydra import __version__
 from tiled_hydra.backbone import FrozenBackbone
-from tiled_hydra.errors import ConfigError, instantiate_checked
+from tiled_hydra.errors import DataError, instantiate_checked
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.rundir import check_slot_records, config_fingerprint, fingerprint_of, identity, mismatch_error, temp_path, write_json_atomic  # noqa: F401
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -37,21 +41,14 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 # Expected for every slot, so not worth a warning each time: the frozen backbone is in eval
 # mode on purpose, and statistics-only models (PaDiM, PatchCore) have no optimizer.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-warnings.filterwarnings("ignore", message=".*`configure_optimizers` returned `None`.*")
+# Lightning says "`LightningModule.configure_optimizers` returned `None`, ...".
+warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`")
 
 
 def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:
     """Tile indices served by each slot: all tiles in one slot, or one slot per tile."""
     tiles = list(range(grid.num_tiles))
     return [tiles] if shared else [[t] for t in tiles]
-
-
-def config_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that determines a slot's weights, to refuse resuming a different run."""
-    keys = ("dataset", "backbone", "model", "setup", "seed")
-    content = {"version": __version__}
-    content |= {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def iter_tile_batches(images: torch.Tensor, grid: TileGrid, tiles: list[int], tiles_per_batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -82,6 +79,40 @@ class LazyTiles(Dataset):
         return (tile.float().div_(255),)
 
 
+class LossRecorder(L.Callback):
+    """Keeps every training step's loss, for the slot record (and its W&B curve)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(round(float(loss.detach()), 6))
+
+
+class SlotProgressBar(TQDMProgressBar):
+    """Lightning's step bar, named after the slot, below the bar over slots."""
+
+    def __init__(self, label: str):
+        super().__init__(process_position=1, leave=False)
+        self.label = label
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.set_description(self.label)
+        return bar
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.label)
+
+
+def show_progress(setting) -> bool:
+    """progress: true | false | auto (auto: only when stderr is a terminal, never in log files)."""
+    return setting is True or (setting in (None, "auto") and sys.stderr.isatty())
+
+
 @dataclass
 class SlotRunner:
     """Trains and predicts the slots of one run."""
@@ -95,8 +126,11 @@ class SlotRunner:
 
     def __post_init__(self) -> None:
         self.slots = slot_tiles(self.grid, bool(self.cfg.setup.shared))
-        self.fingerprint = config_fingerprint(self.cfg)
+        self.identity = identity(self.cfg)
+        self.fingerprint = fingerprint_of(self.identity)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = show_progress(self.cfg.get("progress", "auto"))
+        check_slot_records(self.checkpoint_dir, self.identity)
 
     # -- construction and checkpoints ----------------------------------------------------
     def new_model(self, slot: int) -> AnomalyModule:
@@ -107,49 +141,94 @@ class SlotRunner:
     def checkpoint_path(self, slot: int) -> Path:
         return self.checkpoint_dir / f"slot_{slot:03d}.pt"
 
-    def save(self, slot: int, model: AnomalyModule) -> None:
+    def record_path(self, slot: int) -> Path:
+        return self.checkpoint_dir / f"slot_{slot:03d}.json"
+
+    def read_record(self, slot: int) -> dict | None:
+        path = self.record_path(slot)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a damaged record: the slot is trained again (its checkpoint is moved aside)
+
+    def save(self, slot: int, model: AnomalyModule, record: dict) -> dict:
+        """Checkpoint, then its record (seconds, peak memory, size, checksum): both atomic."""
         path = self.checkpoint_path(slot)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "tiles": self.slots[slot], "state": model.slot_state_dict()}, tmp)
-        os.replace(tmp, path)  # atomic: a checkpoint on disk is always complete
+        tmp = temp_path(path)  # unique: two processes never share a temporary file
+        try:
+            torch.save({"fingerprint": self.fingerprint, "tiles": self.slots[slot], "state": model.slot_state_dict()}, tmp)
+            record |= {"checkpoint_bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        record = {"fingerprint": self.fingerprint, "slot": slot, "tiles": self.slots[slot], **record, "identity": self.identity}
+        write_json_atomic(self.record_path(slot), record)
+        return record
 
     def load(self, slot: int) -> AnomalyModule:
-        payload = torch.load(self.checkpoint_path(slot), map_location="cpu", weights_only=True)
-        if payload["fingerprint"] != self.fingerprint:
-            raise ConfigError(
-                f"{self.checkpoint_path(slot)} was written by a different configuration; use a new hydra.run.dir"
-            )
+        path = self.checkpoint_path(slot)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"{path} cannot be read ({reason}); delete it to retrain that slot") from None
+        if payload.get("fingerprint") != self.fingerprint:
+            raise mismatch_error(path, self.checkpoint_dir.parent, None, self.identity)
         model = self.new_model(slot)
         model.load_slot_state_dict(payload["state"])
         return model.eval()
 
-    def is_trained(self, slot: int) -> bool:
-        path = self.checkpoint_path(slot)
+    def trained_record(self, slot: int) -> dict | None:
+        """The record of a slot trained earlier whose checkpoint is intact, else None.
+
+        A checkpoint whose size or checksum differs from its record (truncated, overwritten)
+        is moved aside with a warning and the slot is trained again.
+        """
+        path, record = self.checkpoint_path(slot), self.read_record(slot)
+        if record is None or record.get("fingerprint") != self.fingerprint:
+            return None
         if not path.exists():
-            return False
-        # mmap: only the fingerprint is read, not the slot's tensors (hundreds of MB for PaDiM)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["fingerprint"] == self.fingerprint
+            return None
+        if path.stat().st_size != record.get("checkpoint_bytes") or file_sha256(path) != record.get("sha256"):
+            aside = path.with_name(path.name + ".damaged")
+            os.replace(path, aside)
+            log.warning("%s is damaged (size or checksum differ from %s); moved to %s, training that slot again",
+                        path, self.record_path(slot).name, aside.name)
+            return None
+        return record
 
     # -- training ----------------------------------------------------------------------------
-    def train_all(self, images: torch.Tensor, on_slot: Callable[[int, int, str], None] | None = None) -> int:
-        """Fit every slot not trained yet; returns the peak memory of any one slot's training."""
-        peak = 0
-        for slot in range(len(self.slots)):
-            if self.is_trained(slot):
-                if on_slot:
-                    on_slot(slot, len(self.slots), "resumed")
-                continue
-            with PeakMemory(self.device) as memory:
-                model = self.fit_slot(slot, images)
-                self.save(slot, model)
+    def train_all(self, images: torch.Tensor, on_slot: Callable[[int, int, str], None] | None = None) -> list[dict]:
+        """Fit every slot not trained yet; returns every slot's record, with ``resumed`` set for
+        the slots found on disk (their seconds and peak memory are those measured when trained)."""
+        records = []
+        with tqdm(total=len(self.slots), desc="slots", unit="slot", disable=not self.progress, position=0) as bar:
+            for slot in range(len(self.slots)):
+                record = self.trained_record(slot)
+                if record is not None:
+                    records.append({**record, "resumed": True})
+                    if on_slot:
+                        on_slot(slot, len(self.slots), "resumed")
+                    bar.update()
+                    continue
+                losses = LossRecorder()
+                start = time.perf_counter()
+                with PeakMemory(self.device) as memory:
+                    model = self.fit_slot(slot, images, callbacks=[losses])
+                seconds = time.perf_counter() - start
+                record = self.save(slot, model, {"seconds": round(seconds, 3), "peak_mem_bytes": int(memory.bytes),
+                                                 "mem_kind": memory.kind, "losses": losses.losses})
                 del model
                 self.release()
-            peak = max(peak, memory.bytes)
-            if on_slot:
-                on_slot(slot, len(self.slots), "trained")
-        return peak
+                records.append({**record, "resumed": False})
+                if on_slot:
+                    on_slot(slot, len(self.slots), "trained")
+                bar.update()
+        return records
 
-    def fit_slot(self, slot: int, images: torch.Tensor) -> AnomalyModule:
+    def fit_slot(self, slot: int, images: torch.Tensor, callbacks: list | None = None) -> AnomalyModule:
         model = self.new_model(slot).to(self.device)
         batch_size = int(self.cfg.model.batch_size)
         if getattr(model, "cache_embeddings", True):
@@ -161,8 +240,15 @@ class SlotRunner:
         else:
             dataset = LazyTiles(images, self.grid, self.slots[slot])
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=model.trainable, drop_last=False)
+        callbacks = list(callbacks or [])
+        kwargs = dict(self.trainer_kwargs)
+        if self.progress and model.trainable:
+            callbacks.append(SlotProgressBar(f"slot {slot + 1}/{len(self.slots)}"))
+            kwargs["enable_progress_bar"] = True
+        else:
+            kwargs["enable_progress_bar"] = False
         trainer = L.Trainer(
-            max_epochs=int(self.cfg.model.max_epochs), max_steps=int(self.cfg.model.max_steps), **self.trainer_kwargs
+            max_epochs=int(self.cfg.model.max_epochs), max_steps=int(self.cfg.model.max_steps), callbacks=callbacks, **kwargs
         )
         trainer.fit(model, loader)
         return model.cpu().eval()
@@ -171,6 +257,17 @@ class SlotRunner:
         """Give freed accelerator memory back so the next slot starts clean."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def delete_checkpoints(self) -> int:
+        """Remove the slot checkpoints (keep_checkpoints=false); the slot records stay. Returns bytes freed."""
+        freed = 0
+        for slot in range(len(self.slots)):
+            path = self.checkpoint_path(slot)
+            if path.exists():
+                freed += path.stat().st_size
+                path.unlink()
+        return freed
+
 
     # -- prediction ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,3 +294,21 @@ class SlotRunner:
                 del model
                 self.release()
         return memory.bytes
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def summarize(records: list[dict]) -> dict:
+    """Run-level training costs from the slot records: every slot counts, resumed or not."""
+    return {
+        "train_seconds": round(sum(r["seconds"] for r in records), 3),
+        "train_peak_mem_bytes": max(int(r["peak_mem_bytes"]) for r in records),
+        "resumed_slots": sum(bool(r.get("resumed")) for r in records),
+        "checkpoint_bytes": sum(int(r["checkpoint_bytes"]) for r in records),
+    }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch  # noqa: E402
@@ -17,9 +15,9 @@ METRIC_KEYS = ("image_AUROC", "pixel_AUPRO", "pixel_AUPRO_05", "pixel_AUROC", "p
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    from tiled_hydra.rundir import write_json_atomic as write
+
+    write(path, payload)  # a unique temporary name: concurrent writers never share one
 
 
 def overlay_indices(scores: torch.Tensor, labels: torch.Tensor, count: int) -> list[tuple[int, str]]:

@@ -13,7 +13,7 @@ from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.datastats import defect_share
-from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.ensemble import SlotRunner, summarize
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.evaluation import pixel_metrics
 from tiled_hydra.latency import measure_speed
@@ -49,8 +49,9 @@ def make_grid(setup: DictConfig) -> TileGrid:
 
 
 def check_config(cfg: DictConfig) -> None:
-    if "setup" not in cfg or cfg.setup is None:
-        raise ConfigError(f"no setup chosen: add +setup=NAME, NAME one of {', '.join(available('setup'))}")
+    from tiled_hydra.validate import validate
+
+    validate(cfg)
 
 
 def predict_split(runner: SlotRunner, grid: TileGrid, split: Split, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -85,9 +86,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     def report_slot(slot: int, total: int, what: str) -> None:
         log.info("slot %d of %d %s", slot + 1, total, what)
 
-    start = time.perf_counter()
-    train_peak = runner.train_all(data.train.images, report_slot)
-    train_seconds = time.perf_counter() - start
+    train = summarize(runner.train_all(data.train.images, report_slot))  # over all slots, resumed ones too
 
     val_maps = val_scores = None
     if data.val is not None:
@@ -121,10 +120,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                    test_scores, per_image)
     results = {
         **metrics,
-        "train_peak_mem_bytes": int(train_peak),
+        **train,  # train_seconds, train_peak_mem_bytes, resumed_slots, checkpoint_bytes
         "infer_peak_mem_bytes": int(infer_peak),
         "mem_kind": PeakMemory(device).kind,
-        "train_seconds": round(train_seconds, 3),
         "infer_seconds": round(infer_seconds, 3),
         "infer_images_per_second": round(len(test) / infer_seconds, 3),
         **speed,
@@ -136,6 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "dataset": str(cfg.dataset.name),
         "category": str(cfg.dataset.category),
         "seed": int(cfg.seed),
+        "fingerprint": runner.fingerprint,  # of every setting that changes the weights (tiled_hydra.rundir)
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))

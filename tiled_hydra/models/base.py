@@ -61,9 +61,19 @@ class AnomalyModule(L.LightningModule):
 
     # -- slot checkpoints without the shared backbone ------------------------------------
     def slot_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+        return self.pack_state(state)
+
+    def pack_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Smallest exact on-disk form of a slot's state (e.g. a triangular matrix as its triangle)."""
+        return state
+
+    def unpack_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`pack_state`."""
+        return state
 
     def load_slot_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = self.unpack_state(dict(state))
         self.prepare_for_state(state)
         result = self.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]

@@ -12,3 +12,9 @@ class Padim(CollectingModule):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])
         self.model = PadimModel(sum(backbone.channels), n_features, epsilon, blur_sigma)
+
+    def pack_state(self, state):
+        return self.model.pack_state(state, "model.")
+
+    def unpack_state(self, state):
+        return self.model.unpack_state(state, "model.")

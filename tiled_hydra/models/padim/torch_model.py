@@ -16,6 +16,21 @@ def concat_stages(features: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([features[0]] + [F.interpolate(f, size=size, mode="nearest") for f in features[1:]], dim=1)
 
 
+def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
+    """(..., D, D) lower-triangular -> (..., D(D+1)/2): the triangle only, bit-exact."""
+    d = matrices.shape[-1]
+    rows, cols = torch.tril_indices(d, d)
+    return matrices[..., rows, cols].contiguous()
+
+
+def unpack_lower(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of :func:`pack_lower` (the upper triangle is exactly zero)."""
+    rows, cols = torch.tril_indices(d, d)
+    out = packed.new_zeros(*packed.shape[:-1], d, d)
+    out[..., rows, cols] = packed
+    return out
+
+
 class PadimModel(nn.Module):
     """Per-patch Gaussian statistics and the Mahalanobis anomaly map."""
 
@@ -69,3 +84,15 @@ class PadimModel(nn.Module):
         maps = whitened.square().sum(-1).sqrt().t().reshape(b, h, w)
         maps = gaussian_blur(upsample(maps, output_size), self.blur_sigma)
         return maps, maps.flatten(1).amax(dim=1)
+
+    def pack_state(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """Checkpoints keep the whitening matrix's lower triangle only (it is the inverse of a
+        Cholesky factor): half the bytes, bit-exact (165 -> 83 MB per 256 px slot, D = 100)."""
+        if state.get(prefix + "whitening", torch.empty(0)).dim() == 3:
+            state[prefix + "whitening_tril"] = pack_lower(state.pop(prefix + "whitening"))
+        return state
+
+    def unpack_state(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        if prefix + "whitening_tril" in state:
+            state[prefix + "whitening"] = unpack_lower(state.pop(prefix + "whitening_tril"), len(state[prefix + "channel_index"]))
+        return state

@@ -1,0 +1,199 @@
+"""The run directory: who may write it (a lock), which configuration it belongs to (a
+fingerprint), and atomic writes with unique temporary names.
+
+A run directory belongs to one configuration, identified by the fingerprint of every setting
+that changes a slot's weights or the run's results.  A job whose fingerprint differs from the
+one already in the directory (in its slot records or its results.json) is refused before it
+writes anything, with the differing keys named.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tiled_hydra import __version__
+from tiled_hydra.errors import ConfigError
+
+# Config sections that determine a slot's weights, the predictions or the reported numbers.
+IDENTITY_SECTIONS = ("dataset", "backbone", "model", "setup", "seed", "trainer", "inference", "merge", "metrics", "speed")
+# Keys of those sections that change no reported number (sweeps re-run with speed.enabled=false
+# find their finished jobs again, see conf/sweep/_job_dirs.yaml).
+NEUTRAL_KEYS = {"speed.enabled"}
+# Trainer keys that change nothing in the weights: where they run, and what Lightning prints.
+TRAINER_NEUTRAL_KEYS = {"accelerator", "devices", "logger", "enable_checkpointing", "enable_progress_bar",
+                        "enable_model_summary", "num_sanity_val_steps", "log_every_n_steps", "default_root_dir"}
+MAX_NAMED_KEYS = 4
+
+
+def flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out |= flatten(sub, f"{prefix}.{key}")
+        return out
+    return {prefix: value}
+
+
+def identity(cfg: DictConfig) -> dict:
+    """{dotted key: value} of every setting the fingerprint covers (resolved)."""
+    out = {"version": __version__}
+    for section in IDENTITY_SECTIONS:
+        node = cfg.get(section)
+        if node is None:
+            continue
+        value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        if section == "trainer":
+            value = {k: v for k, v in value.items() if k not in TRAINER_NEUTRAL_KEYS}
+        out |= flatten(value, section)
+    return {k: v for k, v in out.items() if k not in NEUTRAL_KEYS}
+
+
+def fingerprint_of(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that determines a slot's weights, to refuse mixing two runs."""
+    return fingerprint_of(identity(cfg))
+
+
+def differing_keys(old: dict, new: dict) -> str:
+    """'model.name padim -> patchcore, seed 0 -> 1' (the first few), for a one-line message."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    shown = [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys[:MAX_NAMED_KEYS]]
+    more = f" and {len(keys) - MAX_NAMED_KEYS} more" if len(keys) > MAX_NAMED_KEYS else ""
+    return ", ".join(shown) + more if keys else "the code version"
+
+
+def mismatch_error(what: Path, run_dir: Path, old_identity: dict | None, new_identity: dict) -> ConfigError:
+    differs = differing_keys(old_identity, new_identity) if old_identity else "unknown settings (written by an older version)"
+    return ConfigError(f"{what} belongs to another configuration ({differs}); use a new hydra.run.dir or delete {run_dir}")
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write through a uniquely named temporary file in the same directory, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results unreadable to the group
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh, unique temporary name next to ``path`` (for writers that need a path, e.g. torch.save)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+# -- the lock ------------------------------------------------------------------------------------
+class RunDirLock:
+    """Exclusive lock on RUN_DIR/.lock for the life of a job (released by the OS if it dies)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            raise ConfigError(f"{self.path.parent} is in use by pid {pid}; wait for it or use another hydra.run.dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+# -- what a finished run left ---------------------------------------------------------------------
+def check_slot_records(checkpoint_dir: Path, ident: dict) -> dict | None:
+    """Refuse slot records and checkpoints of another configuration; return the identity the
+    directory's slots were trained with (None when it has none)."""
+    fingerprint, found = fingerprint_of(ident), None
+    for path in sorted(Path(checkpoint_dir).glob("slot_*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue  # damaged record: that slot is trained again
+        if record.get("fingerprint") != fingerprint:
+            raise mismatch_error(path, checkpoint_dir.parent, record.get("identity"), ident)
+        found = record.get("identity")
+    for path in sorted(Path(checkpoint_dir).glob("slot_*.pt")):
+        if path.with_suffix(".json").exists():
+            continue
+        # A checkpoint without its record (older version, or killed between the two writes).
+        import torch
+
+        try:
+            other = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("fingerprint")
+        except Exception:
+            continue  # damaged: that slot is trained again
+        if other != fingerprint:
+            raise mismatch_error(path, checkpoint_dir.parent, None, ident)
+    return found
+
+
+def check_results(run_dir: Path, cfg: DictConfig, slot_identity: dict | None) -> dict | None:
+    """The results of a finished run of this very configuration, or None when there are none.
+
+    Results of another configuration are refused (ConfigError), never returned or overwritten.
+    """
+    done = run_dir / "results.json"
+    if not done.exists():
+        return None
+    try:
+        results = json.loads(done.read_text())
+    except ValueError:
+        raise ConfigError(f"{done} is damaged (not JSON); delete it to run again") from None
+    new = identity(cfg)
+    if results.get("fingerprint") != fingerprint_of(new):
+        raise mismatch_error(done, run_dir, slot_identity, new)
+    return results
+
+
+def save_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """RUN_DIR/.hydra/config.yaml (resolved) and overrides.yaml of the job that owns the directory.
+
+    Hydra's own copy is switched off (hydra.output_subdir=null): Hydra would write it at job
+    start, before this job knows whether the directory is free and of its configuration.
+    """
+    target = run_dir / ".hydra"
+    target.mkdir(parents=True, exist_ok=True)
+    write_atomic(target / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomic(target / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
