@@ -168,3 +168,21 @@ def test_resolution_setting():
             resolve_resolution(bad, same, 512)
     with pytest.raises(ConfigError, match="native"):
         resolve_resolution("native", unknown, 512)
+
+
+@pytest.mark.parametrize("override", ["metrics.resolution=abc", "metrics.resolution=0", "metrics.resolution=[1,2,3]",
+                                      "metrics.fallback_resolution=-1", "metrics.region_size_bins=[0.1,0.01]",
+                                      "metrics.region_size_bins=[]", "metrics.region_overlap=0", "metrics.strict_fpr_limit=2"])
+def test_bad_metrics_settings_are_refused_before_any_data_loads(compose_cfg, override):
+    from tiled_hydra.validate import validate
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        validate(compose_cfg(["+setup=sm256", override]))
+
+
+@pytest.mark.parametrize("override", ["metrics.resolution=native", "metrics.resolution=setup", "metrics.resolution=1024",
+                                      "metrics.resolution=[800,1200]"])
+def test_metrics_resolution_settings_compose(compose_cfg, override):
+    from tiled_hydra.validate import validate
+
+    validate(compose_cfg(["+setup=sm256", override]))
