@@ -186,3 +186,14 @@ def test_metrics_resolution_settings_compose(compose_cfg, override):
     from tiled_hydra.validate import validate
 
     validate(compose_cfg(["+setup=sm256", override]))
+
+
+def test_results_file_keeps_the_size_bins_in_order(tmp_path):
+    import json
+
+    from tiled_hydra.rundir import write_json_atomic
+
+    write_json_atomic(tmp_path / "results.json", {"z": 1, "region_recall_by_size": {"<0.01%": 1.0, "0.01-0.1%": 0.5, ">=1%": 0.0}})
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    assert list(loaded) == ["region_recall_by_size", "z"]
+    assert list(loaded["region_recall_by_size"]) == ["<0.01%", "0.01-0.1%", ">=1%"]
