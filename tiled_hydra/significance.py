@@ -7,7 +7,7 @@ and how detection depends on defect size.
   draws of the same test images; a difference is marked significant (†) only when its 95 %
   interval excludes 0.
 - Region recall by defect size (results' ``region_recall_by_size``), averaged over seeds and
-  categories, one curve per setup and model: the direct form of paper Fig. 7.
+  categories, one panel per dataset and model, one curve per setup: the direct form of paper Fig. 7.
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def to_markdown(rows: list[dict], baseline: str = BASELINE) -> str:
 
 
 def recall_by_size(runs: list[dict], out: Path) -> tuple[Path | None, str | None]:
-    """One curve per (model, setup): region recall per defect-size bin, mean over seeds and categories."""
-    curves: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """One panel per (dataset, model), one curve per setup: region recall per defect-size bin,
+    mean over seeds and categories."""
+    curves: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     labels: list[str] = []
     for run in runs:
         recall = run.get("region_recall_by_size")
@@ -105,7 +106,7 @@ def recall_by_size(runs: list[dict], out: Path) -> tuple[Path | None, str | None
         labels = labels or list(recall)
         for label, value in recall.items():
             if isinstance(value, (int, float)) and not math.isnan(value):
-                curves[column_of(run), run["setup"]][label].append(float(value))
+                curves[run["dataset"], column_of(run), run["setup"]][label].append(float(value))
     if not curves:
         return None, "no run reports region_recall_by_size: no recall-by-size figure"
     import matplotlib
@@ -113,15 +114,17 @@ def recall_by_size(runs: list[dict], out: Path) -> tuple[Path | None, str | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = paper_order({m.split(" (")[0] for m, _ in curves}, PAPER_MODELS)
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False, sharey=True)
-    for ax, model in zip(axes[0], models):
-        keys = [k for k in curves if k[0].split(" (")[0] == model]
-        for column, setup in sorted(keys, key=lambda k: (PAPER_SETUPS.index(k[1]) if k[1] in PAPER_SETUPS else 99, k)):
-            ys = [np.mean(curves[column, setup][l]) if curves[column, setup][l] else np.nan for l in labels]
+    models = paper_order({m.split(" (")[0] for _, m, _ in curves}, PAPER_MODELS)
+    panels = sorted({(d, m.split(" (")[0]) for d, m, _ in curves}, key=lambda p: (p[0], models.index(p[1])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    order = (lambda k: (PAPER_SETUPS.index(k[2]) if k[2] in PAPER_SETUPS else 99, k))
+    for ax, (dataset, model) in zip(axes[0], panels):
+        for key in sorted((k for k in curves if k[0] == dataset and k[1].split(" (")[0] == model), key=order):
+            _, column, setup = key
+            ys = [np.mean(curves[key][label]) if curves[key][label] else np.nan for label in labels]
             ax.plot(range(len(labels)), ys, marker="o", label=setup if column == model else f"{setup} {column}")
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_title(model, fontsize=10)
+        ax.set_title(f"{model} on {dataset}", fontsize=10)
         ax.set_xlabel("defect region size (share of the image)", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
