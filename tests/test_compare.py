@@ -144,7 +144,8 @@ def test_all_four_figures_with_speed_and_defect_sizes(tmp_path):
     result = cmp.compare([str(root)], tmp_path / "out", datastats=stats)
     names = sorted(Path(f).name for f in result["files"] if str(f).endswith(".png"))
     assert names == ["fig5_memory.png", "fig6_resolution.png", "fig7_defect_size.png", "fig8_latency_throughput.png"]
-    assert not result["notes"]
+    # hand-made results carry no per-image records or region recall: compare says so, and nothing else
+    assert [n for n in result["notes"] if "per_image.npz" not in n and "region_recall_by_size" not in n] == []
 
 
 def test_figures_6_and_7_from_the_grid_runs_alone(tmp_path):
@@ -257,3 +258,34 @@ def test_real_sweep_over_a_model_setting_keeps_both_runs(tmp_path):
     assert "left out 1 duplicate run(s) (same configuration fingerprint)" in result["notes"]
     markdown = (tmp_path / "out" / "table.md").read_text()
     assert "padim (model.net.n_features=20)" in markdown and "padim (model.net.n_features=50)" in markdown
+
+
+def test_intervals_and_paired_significance_from_per_image_records(tmp_path):
+    """compare reads each run's per_image.npz: a perfect ENS9 against a coin-flip SM256 on the same
+    40 images differs by exactly +50 pp in every draw (significant); an identical ranking by 0 (not)."""
+    import numpy as np
+
+    from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
+
+    root = tmp_path / "multirun"
+    labels = np.array([0] * 20 + [1] * 20)
+    paths = [f"img_{i:02d}.png" for i in range(40)]
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(size=40) + labels
+    scores = {("sm256", "padim"): np.zeros(40), ("ens9", "padim"): labels.astype(float),
+              ("sm256", "patchcore"): noisy, ("ens9", "patchcore"): 2 * noisy + 1}
+    for (setup, model), values in scores.items():
+        ties = 0.5 if not values.any() else None
+        auroc = ties or float(((values[20:, None] > values[None, :20]).mean()))
+        job = write_job(root, fake_run(setup, model, "a", 0, auroc, region_recall_by_size={"<0.01%": 0.5, ">=1%": 1.0}),
+                        setup_config(setup))
+        save_per_image(job / PER_IMAGE_FILE, paths, labels, values, None)
+    result = cmp.compare([str(root)], tmp_path / "out")
+    text = (tmp_path / "out" / "intervals.md").read_text()
+    rows = {(r["model"], r["setup"], r["metric"]): r for r in csv.DictReader((tmp_path / "out" / "intervals.csv").open())}
+    gap = rows["padim", "ens9", "image_AUROC"]
+    assert (float(gap["diff"]), float(gap["diff_low"]), float(gap["diff_high"])) == (0.5, 0.5, 0.5) and gap["significant"] == "True"
+    same = rows["patchcore", "ens9", "image_AUROC"]
+    assert float(same["diff"]) == 0.0 and same["significant"] == "False"
+    assert "+50.0 †" in text and ("patchcore", "ens9", "pixel_AUPRO") not in rows  # no masks recorded: no pixel rows
+    assert tmp_path / "out" / "region_recall_by_size.png" in result["files"]

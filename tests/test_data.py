@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tiled_hydra.data import synthetic
+from tiled_hydra.data import synthetic, views
 from tiled_hydra.data.elpv import load_elpv
 from tiled_hydra.data.folder import load_folder
 from tiled_hydra.data.images import image_size_hw, read_image
@@ -296,6 +297,46 @@ def test_synthetic_defects_are_visible_and_of_their_size_class(kind, small):
     assert (mask.mean() < synthetic.SMALL_AREA) == small
     assert np.abs(out - image)[mask].mean() >= synthetic.MIN_CONTRAST
     assert np.array_equal(out[~mask], image[~mask])  # the mask is exact: nothing changes outside it
+
+
+@pytest.mark.parametrize("category", ["gravel", "coffee"])
+@pytest.mark.parametrize("kind", synthetic.DEFECT_KINDS)
+@pytest.mark.parametrize("small", [True, False])
+def test_hard_preset_defects_are_faint_small_and_exact(category, kind, small):
+    preset = synthetic.PRESETS["hard"]
+    rng = np.random.default_rng(3)
+    if category in synthetic.OBJECTS:
+        image = views.object_view(views.object_photo(category, 512), 512, rng, misalign=True)
+    else:
+        image = views.normal_view(views.periodic_texture(category), 512, rng)
+    out, mask = synthetic.add_defect(image, kind, small, rng, preset)
+    assert (mask.mean() < preset.small_area) == small  # small: < 0.1% of the image (default preset: 1%)
+    change = np.abs(out - image)[mask].mean()
+    assert change >= preset.min_contrast
+    if kind != "missing":  # faint: at most 16% of the gray range (plus the stretch of a blur-free additive change)
+        assert change <= 255 * preset.contrast[1] + 1e-6
+    assert np.array_equal(out[~mask], image[~mask])
+
+
+def test_hard_preset_objects_move_and_images_carry_nuisance(tmp_path):
+    data = load_synthetic(image_size=256, root=str(tmp_path), category="coffee", preset="hard", resolution=256,
+                          n_train=3, n_val=0, n_test=2, test_defective_fraction=0.5, small_defect_share=1.0)
+    train = data.train.images.float()
+    assert not torch.equal(train[0, 0], train[0, 1])  # colour photo, not gray
+    # aligned objects, but not pixel-aligned: consecutive normal views differ by more than noise
+    assert (train[0] - train[1]).abs().mean() > 4.0
+    params = json.loads((tmp_path / "coffee" / "params.json").read_text())
+    assert params["preset"] == "hard" and params["resolution"] == 256
+    areas = data.test.masks.float().mean(dim=(1, 2))[data.test.labels == 1]
+    assert (areas > 0).all() and (areas < synthetic.PRESETS["hard"].small_area).all()
+
+
+def test_preset_sets_the_resolution_unless_given(tmp_path):
+    load_synthetic(image_size=32, root=str(tmp_path), category="grass", preset="hard", n_train=1, n_val=0, n_test=1,
+                   test_defective_fraction=0.0)
+    assert json.loads((tmp_path / "grass" / "params.json").read_text())["resolution"] == 1024
+    with pytest.raises(ConfigError, match="default, hard"):
+        load_synthetic(image_size=32, root=str(tmp_path), preset="extreme")
 
 
 def test_synthetic_cache_is_reused_and_interruption_leaves_nothing(tmp_path, monkeypatch):

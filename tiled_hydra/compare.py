@@ -29,6 +29,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from tiled_hydra import significance
+
 from tiled_hydra.records import (  # noqa: F401  (re-exported: the records are compare's vocabulary)
     IDENTITY_KEYS,
     PAPER_MODELS,
@@ -320,7 +322,8 @@ def print_table(table: Table, runs: list[dict], console) -> None:
     console.print(caption(table, runs).split(": ", 1)[1].replace("**bold**", "bold").replace("_underlined_", "underlined"))
 
 
-def compare(sources: list[str], out: Path, datastats: Path | None = None, from_wandb: bool = False) -> dict:
+def compare(sources: list[str], out: Path, datastats: Path | None = None, from_wandb: bool = False,
+            baseline: str = significance.BASELINE) -> dict:
     """Everything the command does; returns {'runs', 'tables', 'files', 'notes'} for tests."""
     from rich.console import Console
 
@@ -345,6 +348,16 @@ def compare(sources: list[str], out: Path, datastats: Path | None = None, from_w
 
     # Defect sizes: recorded by the runs themselves (defect_share), or measured by tiled_hydra.datastats.
     stats = {**figures.defect_sizes_from_runs(runs), **(figures.load_datastats(datastats) if datastats else {})}
+    # How sure the numbers are, whether setups differ, and recall by defect size (significance.py)
+    rows, interval_notes = significance.intervals(table_runs, baseline)
+    notes += interval_notes
+    if rows:
+        (out / "intervals.md").write_text(significance.to_markdown(rows, baseline))
+        write_csv(out / "intervals.csv", rows)
+        files += [out / "intervals.md", out / "intervals.csv"]
+    path, note = significance.recall_by_size(table_runs, out)
+    files += [path] if path else []
+    notes += [note] if note else []
     for draw in (figures.memory_per_setup, figures.resolution_study, figures.defect_size, figures.speed_per_setup):
         path, note = draw(runs, out, stats) if draw is figures.defect_size else draw(runs, out)
         if path:
@@ -364,13 +377,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output directory (default: SOURCE/compare for one directory, else outputs/compare)")
     parser.add_argument("--datastats", type=Path, help="defect sizes from `python -m tiled_hydra.datastats` (Fig. 7)")
     parser.add_argument("--from-wandb", action="store_true", help="read the W&B offline runs below a directory, not results.json")
+    parser.add_argument("--baseline", default=significance.BASELINE, help="setup every other setup is compared with (paired bootstrap)")
     args = parser.parse_args(argv)
     single_dir = len(args.sources) == 1 and Path(args.sources[0]).is_dir() and not is_offline_run(Path(args.sources[0]))
     out = args.out or (Path(args.sources[0]) / "compare" if single_dir else Path("outputs/compare"))
     try:
         if args.datastats and not args.datastats.is_file():
             raise CompareError(f"--datastats {args.datastats}: no such file (write it with python -m tiled_hydra.datastats)")
-        compare(args.sources, out, args.datastats, args.from_wandb)
+        compare(args.sources, out, args.datastats, args.from_wandb, args.baseline)
     except CompareError as err:
         print(f"tiled_hydra.compare: error: {err}", file=sys.stderr)
         sys.exit(2)

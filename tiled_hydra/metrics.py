@@ -30,6 +30,8 @@ class PixelCurves:
     fpr: torch.Tensor  # false positives / normal pixels (outside every mask, all images)
     tpr: torch.Tensor  # true positives / anomalous pixels
     pro: torch.Tensor  # mean over ground-truth regions of the fraction of the region detected
+    num_normal: int = 0
+    num_anomalous: int = 0
 
 
 def sort_with_tie_runs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,15 +55,21 @@ def pixel_curves(maps: torch.Tensor, masks: torch.Tensor) -> PixelCurves | None:
         raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} differ in shape")
     masks_np = masks.detach().cpu().numpy().astype(bool, copy=False)
     regions, num_regions = ndimage.label(masks_np, structure=_EIGHT_CONNECTED_PER_IMAGE)
-    regions = torch.from_numpy(regions).reshape(-1)  # 0 = normal pixel, else its region id
+    return region_curves(maps, torch.from_numpy(regions), num_regions)
+
+
+def region_curves(values: torch.Tensor, regions: torch.Tensor, num_regions: int) -> PixelCurves | None:
+    """Exact curves of pixel ``values`` whose ground truth is ``regions`` (same number of elements):
+    0 = normal pixel, k > 0 = a pixel of ground-truth region k (1..num_regions)."""
+    regions = regions.reshape(-1)
     num_pixels = regions.numel()
-    num_anomalous = int(masks.sum())
+    num_anomalous = int((regions != 0).sum())
     num_normal = num_pixels - num_anomalous
     if num_anomalous == 0 or num_normal == 0:
         return None
 
-    order, run_ends = sort_with_tie_runs(maps)[1:]  # sorted values not needed: drop them now
-    regions = regions[order]
+    order, run_ends = sort_with_tie_runs(values)[1:]  # sorted values not needed: drop them now
+    regions = regions[order].long()
     del order
 
     is_normal = regions == 0
@@ -81,7 +89,20 @@ def pixel_curves(maps: torch.Tensor, masks: torch.Tensor) -> PixelCurves | None:
         fpr=torch.cat([zero, false_pos.double() / num_normal]),
         tpr=torch.cat([zero, true_pos.double() / num_anomalous]),
         pro=torch.cat([zero, pro]),
+        num_normal=num_normal,
+        num_anomalous=num_anomalous,
     )
+
+
+def average_precision(curves: PixelCurves | None) -> float:
+    """Pixel average precision: sum over thresholds of (recall step) x precision, as scikit-learn
+    defines it (no interpolation); NaN without both classes of pixels."""
+    if curves is None:
+        return math.nan
+    true_pos = curves.tpr[1:] * curves.num_anomalous
+    predicted = true_pos + curves.fpr[1:] * curves.num_normal
+    precision = true_pos / predicted  # predicted > 0 after the leading (0, 0) point
+    return float((torch.diff(curves.tpr) * precision).sum())
 
 
 def area_up_to(x: torch.Tensor, y: torch.Tensor, x_limit: float) -> float:

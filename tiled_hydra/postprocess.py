@@ -107,6 +107,34 @@ def stratified_folds(image_labels: torch.Tensor, seed: int) -> torch.Tensor:
     return folds
 
 
+def fold_postprocessors(
+    image_scores: torch.Tensor,
+    image_labels: torch.Tensor,
+    maps: torch.Tensor | None,
+    masks: torch.Tensor | None,
+    seed: int,
+    *,
+    folds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[Postprocessor, Postprocessor]]:
+    """The fold (0/1) of every image and, per fold f, the postprocessor that scores it: fitted on
+    the other fold only. ``folds`` overrides the seeded :func:`stratified_folds` split."""
+    if image_scores.numel() < 2:
+        raise ValueError("cross-fitting thresholds needs at least 2 test images")
+    folds = stratified_folds(image_labels, seed) if folds is None else folds.reshape(-1).long().cpu()
+    if not (bool((folds == 0).any()) and bool((folds == 1).any())):
+        raise ValueError("cross-fitting needs images in both folds 0 and 1")
+    posts = []
+    for fold in (0, 1):
+        fitted_on = torch.nonzero(folds != fold).squeeze(1)
+        posts.append(fit_postprocessor(
+            image_scores[fitted_on],
+            image_labels[fitted_on],
+            None if maps is None else maps[fitted_on],
+            None if masks is None else masks[fitted_on],
+        ))
+    return folds, (posts[0], posts[1])
+
+
 def cross_fit(
     image_scores: torch.Tensor,
     image_labels: torch.Tensor,
@@ -115,31 +143,22 @@ def cross_fit(
     seed: int,
     *,
     folds: torch.Tensor | None = None,
+    fitted: tuple[torch.Tensor, tuple[Postprocessor, Postprocessor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Predict and normalise a test set that has no validation split, 2-fold (see module doc).
 
     Returns ``(pred_labels, pred_masks, normalized_scores, normalized_maps)`` in the input
     order; the map outputs are None when ``maps`` is None. ``folds`` (0/1 per image)
-    overrides the seeded :func:`stratified_folds` split.
+    overrides the seeded :func:`stratified_folds` split; ``fitted`` passes the result of
+    :func:`fold_postprocessors` when the caller needs it too (no second fit).
     """
-    if image_scores.numel() < 2:
-        raise ValueError("cross-fitting thresholds needs at least 2 test images")
-    folds = stratified_folds(image_labels, seed) if folds is None else folds.reshape(-1).long().cpu()
-    if not (bool((folds == 0).any()) and bool((folds == 1).any())):
-        raise ValueError("cross-fitting needs images in both folds 0 and 1")
+    folds, posts = fitted or fold_postprocessors(image_scores, image_labels, maps, masks, seed, folds=folds)
     pred_labels = torch.empty(image_scores.shape, dtype=torch.bool)
     normalized_scores = torch.empty_like(image_scores)
     pred_masks = None if maps is None else torch.empty(maps.shape, dtype=torch.bool)
     normalized_maps = None if maps is None else torch.empty_like(maps)
-    for fold in (0, 1):
+    for fold, post in enumerate(posts):
         scored = torch.nonzero(folds == fold).squeeze(1)
-        fitted_on = torch.nonzero(folds != fold).squeeze(1)
-        post = fit_postprocessor(
-            image_scores[fitted_on],
-            image_labels[fitted_on],
-            None if maps is None else maps[fitted_on],
-            None if masks is None else masks[fitted_on],
-        )
         fold_maps = None if maps is None else maps[scored]  # a copy of this fold only
         fold_labels, fold_masks = post.predict(image_scores[scored], fold_maps)
         pred_labels[scored] = fold_labels

@@ -1,20 +1,17 @@
-"""What a run leaves behind: results.json (written last, atomically), overlays, a table."""
+"""What a run leaves behind: results.json (written last, atomically), overlays (overlays.py), a table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tiled_hydra.data.base import Split  # noqa: E402
+from tiled_hydra.overlays import save_overlay  # noqa: E402
 
-METRIC_KEYS = ("image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1")
+METRIC_KEYS = ("image_AUROC", "pixel_AUPRO", "pixel_AUPRO_05", "pixel_AUROC", "pixel_AP", "image_F1", "pixel_F1")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -44,27 +41,6 @@ def overlay_indices(scores: torch.Tensor, labels: torch.Tensor, count: int) -> l
     return unique[:count]
 
 
-def save_overlay(path: Path, image: torch.Tensor, mask: torch.Tensor | None, anomaly_map: torch.Tensor,
-                 prediction: torch.Tensor | None, title: str) -> None:
-    panels = [("image", image.permute(1, 2, 0).numpy(), None), ("ground truth", None if mask is None else mask.numpy(), "gray"),
-              ("anomaly map", anomaly_map.numpy(), "jet"), ("prediction", None if prediction is None else prediction.numpy(), "gray")]
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, (name, array, cmap) in zip(axes, panels):
-        ax.set_title(name)
-        ax.axis("off")
-        if array is None:
-            ax.text(0.5, 0.5, "n/a", ha="center", va="center")
-        elif name == "anomaly map":
-            ax.imshow(image.permute(1, 2, 0).numpy())
-            ax.imshow(array, cmap=cmap, alpha=0.5, vmin=0, vmax=1)
-        else:
-            ax.imshow(array, cmap=cmap, vmin=0, vmax=255 if name == "image" else 1)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def print_table(results: dict) -> None:
     table = Table(title=f"{results['setup']} / {results['model']} / {results['backbone']} on {results['dataset']}:{results['category']}")
     table.add_column("metric")
@@ -72,6 +48,11 @@ def print_table(results: dict) -> None:
     for key in METRIC_KEYS:
         if key in results:
             table.add_row(key, f"{results[key]:.4f}")
+    counts = results.get("region_count_by_size", {})
+    for label, recall in results.get("region_recall_by_size", {}).items():
+        table.add_row(f"region recall {label}", "no region" if recall != recall else f"{recall:.3f} of {counts.get(label, '?')}")
+    if "metrics_resolution" in results:
+        table.add_row("pixel metrics at", str(results["metrics_resolution"]))
     table.add_row("train_seconds", f"{results['train_seconds']:.1f}")
     table.add_row("infer_images_per_second", f"{results['infer_images_per_second']:.2f}")
     for key in ("train_peak_mem_bytes", "infer_peak_mem_bytes"):
@@ -80,12 +61,47 @@ def print_table(results: dict) -> None:
 
 
 def write_overlays(run_dir: Path, test: Split, scores: torch.Tensor, norm_maps: torch.Tensor,
-                  pred_masks: torch.Tensor | None, overlays: int) -> None:
+                  pred_masks: torch.Tensor | None, overlays: int) -> list[Path]:
+    """Overlay PNGs (overlays.py) of the best-detected, worst-missed and worst false-alarm test images.
+    ``norm_maps`` are normalised so that the pixel threshold is 0.5 (``pred_masks`` is norm_maps >= 0.5)."""
     overlay_dir = run_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for i, tag in overlay_indices(scores, test.labels, overlays):
         name = Path(test.paths[i]).stem if test.paths else str(i)
         kind = test.defect_types[i] if test.defect_types else ("defect" if test.labels[i] else "good")
-        save_overlay(overlay_dir / f"{tag}_{kind}_{name}.png", test.images[i],
-                     None if test.masks is None else test.masks[i], norm_maps[i],
-                     None if pred_masks is None else pred_masks[i], f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
+        path = overlay_dir / f"{tag}_{kind}_{name}.png"
+        save_overlay(path, test, i, norm_maps[i], 0.5, f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
+        written.append(path)
+    return written
+
+
+def write_region_recall_figure(run_dir: Path, results: dict) -> Path | None:
+    """Bar chart of region_recall_by_size (share of ground-truth regions found, per defect size)."""
+    recall = results.get("region_recall_by_size")
+    if not recall:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = results.get("region_count_by_size", {})
+    labels = list(recall)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    values = [0.0 if v != v else v for v in recall.values()]  # NaN (no region of that size): no bar
+    bars = ax.bar(range(len(labels)), values, color="tab:blue")
+    for bar, label in zip(bars, labels):
+        n = counts.get(label, 0)
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, f"n={n}" if n else "none", ha="center", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("defect region size (share of the image)")
+    ax.set_ylabel("regions detected")
+    ax.set_title(f"{results['setup']} / {results['model']}: region recall at {results.get('metrics_resolution', '?')} resolution",
+                 fontsize=9)
+    fig.tight_layout()
+    path = run_dir / "region_recall.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

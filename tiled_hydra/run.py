@@ -11,15 +11,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
+from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.datastats import defect_share
 from tiled_hydra.ensemble import SlotRunner, summarize
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
+from tiled_hydra.evaluation import pixel_metrics
 from tiled_hydra.latency import measure_speed
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
-from tiled_hydra.postprocess import cross_fit, fit_postprocessor
-from tiled_hydra.report import write_overlays
+from tiled_hydra.postprocess import cross_fit, fit_postprocessor, fold_postprocessors
+from tiled_hydra.report import write_overlays, write_region_recall_figure
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
@@ -103,13 +105,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
         pred_labels, pred_masks = post.predict(test_scores, test_maps)
         norm_maps = post.normalize_maps(test_maps)
+        pixel_thresholds = torch.full((len(test),), post.pixel_threshold)
     else:
-        pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
-    metrics = compute_metrics(
-        test_scores, test.labels, pred_labels,
-        maps=test_maps if test.masks is not None else None, masks=test.masks,
-        pred_masks=pred_masks if test.masks is not None else None, fpr_limit=float(cfg.metrics.aupro_fpr_limit),
-    )
+        fitted = fold_postprocessors(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
+        pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks,
+                                                          int(cfg.seed), fitted=fitted)
+        folds, posts = fitted
+        pixel_thresholds = torch.tensor([posts[int(f)].pixel_threshold for f in folds])
+    metrics = compute_metrics(test_scores, test.labels, pred_labels)
+    per_image: dict = {}  # per-image records for bootstrap intervals in compare (bootstrap.py)
+    if test.masks is not None:  # pixel metrics at metrics.resolution (evaluation.py)
+        metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics, per_image=per_image)
+    save_per_image(run_dir / PER_IMAGE_FILE, test.paths or [str(i) for i in range(len(test))], test.labels,
+                   test_scores, per_image)
     results = {
         **metrics,
         **train,  # train_seconds, train_peak_mem_bytes, resumed_slots, checkpoint_bytes
@@ -130,4 +138,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
+    write_region_recall_figure(run_dir, results)
     return results

@@ -103,7 +103,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+    # top-level keys sorted; nested mappings keep their order (region_recall_by_size: smallest bin first)
+    write_atomic(path, json.dumps({k: payload[k] for k in sorted(payload)}, indent=2))
 
 
 def temp_path(path: Path) -> Path:

@@ -175,6 +175,23 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices={_show(value)}: slots train one at a time on one device; expected 1")
 
 
+def check_metrics(cfg: DictConfig) -> None:
+    from tiled_hydra.evaluation import parse_size
+
+    check_number(cfg, "metrics.aupro_fpr_limit", 0.0, 1.0, low_open=True)
+    check_number(cfg, "metrics.strict_fpr_limit", 0.0, 1.0, low_open=True)
+    check_number(cfg, "metrics.region_overlap", 0.0, 1.0, low_open=True)
+    resolution = _get(cfg, "metrics.resolution")
+    if not (isinstance(resolution, str) and resolution in ("auto", "native", "setup")):
+        parse_size(resolution, "metrics.resolution")
+    parse_size(_get(cfg, "metrics.fallback_resolution"), "metrics.fallback_resolution")
+    bins = _get(cfg, "metrics.region_size_bins")
+    values = list(bins) if isinstance(bins, ListConfig) else None
+    if not values or not all(_is_number(v) and 0 < v < 1 for v in values) or values != sorted(set(values)):
+        raise ConfigError(f"metrics.region_size_bins={_show(bins)}: expected increasing shares of the image in (0, 1), "
+                          "e.g. [0.0001, 0.001, 0.01]")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError line for the first problem; return quietly when the config is usable."""
     if _get(cfg, "setup") is None:
@@ -190,7 +207,7 @@ def validate(cfg: DictConfig) -> None:
     check_bool(cfg, "merge.seam_smoothing.enabled")
     check_number(cfg, "merge.seam_smoothing.sigma", 0.0, 1e6, low_open=True)
     check_number(cfg, "merge.seam_smoothing.width_fraction", 0.0, 0.5)
-    check_number(cfg, "metrics.aupro_fpr_limit", 0.0, 1.0, low_open=True)
+    check_metrics(cfg)
     check_int(cfg, "report.overlays", 0)
     check_bool(cfg, "speed.enabled")
     check_int(cfg, "speed.warmup", 0)

@@ -18,6 +18,10 @@ class Split:
     masks: torch.Tensor | None  # bool (N, H, W); None when the dataset has no pixel masks
     paths: list[str] = field(default_factory=list)
     defect_types: list[str] = field(default_factory=list)  # "good" for normal images
+    # Each image's own size before resizing (height, width) and its mask file (None: no mask, i.e.
+    # an all-normal image): pixel metrics at native resolution read the masks from here.
+    native_sizes: list[tuple[int, int]] = field(default_factory=list)
+    mask_paths: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -30,6 +34,8 @@ class Split:
             masks=None if self.masks is None else self.masks[index],
             paths=[self.paths[i] for i in idx] if self.paths else [],
             defect_types=[self.defect_types[i] for i in idx] if self.defect_types else [],
+            native_sizes=[self.native_sizes[i] for i in idx] if self.native_sizes else [],
+            mask_paths=[self.mask_paths[i] for i in idx] if self.mask_paths else [],
         )
 
 

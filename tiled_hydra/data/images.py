@@ -134,9 +134,11 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
     height, width = image_size_hw(image_size)
     images = torch.empty((len(samples), 3, height, width), dtype=torch.uint8)
     masks = torch.zeros((len(samples), height, width), dtype=torch.bool) if with_masks else None
+    native_sizes = []
     progress = tqdm(samples, desc=f"{dataset}: {what}", unit="img", leave=False, disable=len(samples) <= PROGRESS_MIN_FILES)
     for i, sample in enumerate(progress):
         image = read_image(sample.image, dataset)
+        native_sizes.append((image.height, image.width))
         images[i] = torch.from_numpy(resize_image(image, (height, width)))
         if not with_masks or (sample.label == 0 and sample.mask is None):
             continue
@@ -155,4 +157,6 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
         masks=masks,
         paths=[str(s.image) for s in samples],
         defect_types=[s.defect_type for s in samples],
+        native_sizes=native_sizes,
+        mask_paths=[str(s.mask) if with_masks and s.mask is not None else None for s in samples],
     )

