@@ -247,7 +247,7 @@ def test_real_sweep_over_a_model_setting_keeps_both_runs(tmp_path):
                            "model.net.n_features=20,50", f"hydra.sweep.dir={sweep}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    jobs = sorted(p.parent for p in sweep.rglob("results.json"))  # job dirs nest: dataset.root is a path
     assert len(jobs) == 2
     # A copy of a finished job is the same configuration: the one duplicate.
     import shutil

@@ -21,6 +21,7 @@ RESULT_KEYS = {
     "image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1", "train_peak_mem_bytes",
     "infer_peak_mem_bytes", "mem_kind", "train_seconds", "infer_seconds", "infer_images_per_second",
     "num_tiles", "num_models", "latency_ms", "throughput_images_per_second", "setup", "model", "backbone", "dataset", "category", "seed",
+    "resumed_slots", "checkpoint_bytes", "fingerprint",
 }
 # The paper's setups scaled down 8x (256 -> 32 px) so that a run takes seconds.
 TINY = {
@@ -92,11 +93,11 @@ def test_resume_after_interruption_skips_trained_slots(compose_cfg, mvtec_root, 
     fit_slot = SlotRunner.fit_slot
     fitted: list[int] = []
 
-    def interrupt_at_slot_2(self, slot, images):
+    def interrupt_at_slot_2(self, slot, images, **kwargs):
         if slot == 2:
             raise KeyboardInterrupt  # what Ctrl-C does mid-run
         fitted.append(slot)
-        return fit_slot(self, slot, images)
+        return fit_slot(self, slot, images, **kwargs)
 
     monkeypatch.setattr(SlotRunner, "fit_slot", interrupt_at_slot_2)
     with pytest.raises(KeyboardInterrupt):
@@ -105,9 +106,10 @@ def test_resume_after_interruption_skips_trained_slots(compose_cfg, mvtec_root, 
     assert not (tmp_path / "resumed" / "results.json").exists()
 
     fitted.clear()
-    monkeypatch.setattr(SlotRunner, "fit_slot", lambda self, slot, images: fitted.append(slot) or fit_slot(self, slot, images))
+    monkeypatch.setattr(SlotRunner, "fit_slot", lambda self, slot, images, **kw: fitted.append(slot) or fit_slot(self, slot, images, **kw))
     resumed = run(cfg, tmp_path / "resumed")
     assert fitted == [2, 3]  # slots 0 and 1 came from their checkpoints
+    assert resumed["resumed_slots"] == 2
     for key in ("image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
 

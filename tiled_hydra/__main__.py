@@ -80,7 +80,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def fail(err: Exception) -> None:
-    log.error("%s", err)
+    if logging.getLogger().handlers:  # inside Hydra: also in the job's log file (stdout); before it, stderr only
+        log.error("%s", err)
     print(f"tiled_hydra: error: {err}", file=sys.stderr)
     sys.exit(1)
 
@@ -121,6 +122,8 @@ def help_text() -> str:
         options = [f"[{o}]" if o == chosen.get(group) else o for o in group_options(group)]
         prefix = "+" if group not in chosen else ""
         lines.append(f"  {prefix}{group}=  {', '.join(options)}")
+    launchers = ", ".join(group_options("hydra/launcher"))
+    lines.append(f"  hydra/launcher=  {launchers}  (with -m: where the jobs of a sweep run)")
     return HELP.format(setups=", ".join(group_options("setup")), groups="\n".join(lines))
 
 
@@ -128,7 +131,12 @@ def check_group_choices(args: list[str]) -> None:
     """An unknown option of a config group (model=nope, +setup=ens99) as one line naming the choices."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [a for a in args if not a.startswith("-")]
+    from hydra._internal.utils import get_args_parser
+
+    try:  # Hydra's own parser tells overrides from its flags (--cfg job, -p KEY, --config-name NAME)
+        overrides = get_args_parser().parse_known_args(args)[0].overrides
+    except SystemExit:
+        return  # Hydra reports its own flag errors
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:

@@ -92,25 +92,31 @@ class LossRecorder(L.Callback):
 
 
 class SlotProgressBar(TQDMProgressBar):
-    """Lightning's step bar, named after the slot, below the bar over slots."""
+    """Lightning's bar over the training steps of one slot (its step budget, not one epoch of
+    tiles: tiny slots have one batch per epoch), named after the slot, with the current loss."""
 
     def __init__(self, label: str):
         super().__init__(process_position=1, leave=False)
         self.label = label
 
-    def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.set_description(self.label)
-        return bar
-
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        if trainer.max_steps <= 0:  # no step budget: Lightning's bar over the epoch's batches
+            super().on_train_epoch_start(trainer)
+        elif trainer.current_epoch == 0:
+            self.train_progress_bar.reset(total=trainer.max_steps)
         self.train_progress_bar.set_description(self.label)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_update(trainer.global_step, trainer.max_steps):
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 def show_progress(setting) -> bool:
-    """progress: true | false | auto (auto: only when stderr is a terminal, never in log files)."""
-    return setting is True or (setting in (None, "auto") and sys.stderr.isatty())
+    """progress: true | false | auto (auto: only when stdout is a terminal, never in log files)."""
+    return setting is True or (setting in (None, "auto") and sys.stdout.isatty())
 
 
 @dataclass
@@ -204,7 +210,8 @@ class SlotRunner:
         """Fit every slot not trained yet; returns every slot's record, with ``resumed`` set for
         the slots found on disk (their seconds and peak memory are those measured when trained)."""
         records = []
-        with tqdm(total=len(self.slots), desc="slots", unit="slot", disable=not self.progress, position=0) as bar:
+        with tqdm(total=len(self.slots), desc="slots", unit="slot", disable=not self.progress, position=0,
+                  file=sys.stdout) as bar:  # stdout, as Lightning's step bar below it
             for slot in range(len(self.slots)):
                 record = self.trained_record(slot)
                 if record is not None:

@@ -29,6 +29,8 @@ NEUTRAL_KEYS = {"speed.enabled"}
 # Trainer keys that change nothing in the weights: where they run, and what Lightning prints.
 TRAINER_NEUTRAL_KEYS = {"accelerator", "devices", "logger", "enable_checkpointing", "enable_progress_bar",
                         "enable_model_summary", "num_sanity_val_steps", "log_every_n_steps", "default_root_dir"}
+# inference.* keys that change the predictions (per_tile vs whole_image backbone features).
+INFERENCE_KEYS = {"features"}
 MAX_NAMED_KEYS = 4
 
 
@@ -51,6 +53,8 @@ def identity(cfg: DictConfig) -> dict:
         value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
         if section == "trainer":
             value = {k: v for k, v in value.items() if k not in TRAINER_NEUTRAL_KEYS}
+        if section == "inference":  # mode and chunking change how, not what, is computed
+            value = {k: v for k, v in value.items() if k in INFERENCE_KEYS}
         out |= flatten(value, section)
     return {k: v for k, v in out.items() if k not in NEUTRAL_KEYS}
 
