@@ -183,11 +183,12 @@ def cross_model(studies: list[dict], out: Path) -> list[Path]:
     return [f for f in files if f] + [out / "max_resolution.md", out / "max_resolution.csv"]
 
 
-def compare_studies(sources: list[str], out: Path) -> list[Path]:
-    """What ``python -m tiled_hydra.compare`` draws for scaling studies; [] when there are none."""
+def compare_studies(sources: list[str], out: Path) -> bool:
+    """What ``python -m tiled_hydra.compare`` draws for scaling studies (scaling.json below the
+    sources). True when the sources hold studies and no runs, so compare has nothing else to do."""
     studies = find_studies(sources)
     if not studies:
-        return []
+        return False
     files = cross_model(studies, out)
     print(f"{len(studies)} scaling studies -> " + ", ".join(str(f) for f in files))
-    return files
+    return not any(Path(s).is_dir() and next(Path(s).rglob("results.json"), None) for s in sources)
