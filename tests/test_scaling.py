@@ -220,3 +220,23 @@ def test_compare_draws_cross_model_figures_from_study_dirs(tiny_study, tmp_path)
 def test_experiment_paper_and_model_options_apply():
     cfg = compose_named("scaling", ["model=patchcore", "experiment=paper", "model.net.coreset_ratio=0.01"])
     assert cfg.backbone.name == "resnet18" and cfg.model.net.coreset_ratio == 0.01
+
+
+def test_planned_tile_measured_for_real_stays_within_the_budget(tiny_study):
+    """Plan a 256 px image under a budget the single model exceeds, then fit and measure a slot
+    at the planned tile size: its measured whole-step peak stays under the budget."""
+    from tiled_hydra.backbone import build_backbone
+    from tiled_hydra.plan import choose, study_curves
+    from tiled_hydra.scaling.measure import measure_resolution
+
+    study, run_dir = tiny_study
+    memory, seconds = study_curves(study, "peak_bytes")
+    budget = int(memory(160))  # below the single model at 256 px, above the 64 px tile
+    plan = choose(256, budget, memory, seconds)
+    assert not plan.single and 64 <= plan.tile_size[0] < 160
+    cfg = compose_named("scaling", ["model=padim", "n_train=4", "trainer.accelerator=cpu"])
+    backbone = build_backbone(**cfg.backbone, layers=list(cfg.model.net.layers))
+    record = measure_resolution(cfg, backbone, plan.tile_size[0], torch.device("cpu"), {"accelerator": "cpu", "logger": False,
+                                "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
+                                run_dir / "plan_check", warmup=0, repeats=1)
+    assert record["peak_bytes"] <= budget
