@@ -96,7 +96,7 @@ def test_command_prints_the_plan_and_the_override_line(tmp_path):
     result = plan_cli("model=padim", "image_size=512", "memory_budget=20MB", f"study={root}")
     assert result.returncode == 0, result.stderr
     assert "tile 384 px, stride 192 px -> 4 tiles, 4 models" in result.stdout
-    assert ("run: python -m tiled_hydra +setup=ens9 model=padim setup.image_size=512 setup.tile_size=384 "
+    assert ("run: python -m tiled_hydra +setup=ens9 model=padim backbone=efficientnet_lite0 setup.image_size=512 setup.tile_size=384 "
             "setup.stride=192 model.batch_size=1") in result.stdout
 
 

@@ -106,7 +106,9 @@ def test_container_children_are_timed_and_named():
     slot.backbone = nn.Identity()
     slot.model = WithList()
     probe = ComponentProbe(slot)
-    assert head_name(slot.model) == "head"  # no own floating-point state
+    assert head_name(slot.model) == "head"  # no own state
+    slot.model.register_buffer("teacher_mean", torch.zeros(1, 384, 1, 1))  # per-channel constants do not name it
+    assert head_name(slot.model) == "head"
     with probe.recording():
         slot.model(slot.backbone(torch.rand(1, 2, 8, 8)))
     assert probe.seconds["flows"] > 0  # ModuleList is never called itself: its members carry the time

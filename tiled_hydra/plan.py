@@ -54,12 +54,12 @@ class Plan:
     def single(self) -> bool:
         return self.num_tiles == 1 and self.tile_size == self.image_size
 
-    def overrides(self, model: str) -> str:
+    def overrides(self, model: str, backbone: str) -> str:
         def size(v: tuple[int, int]) -> str:
             return str(v[0]) if v[0] == v[1] else f"[{v[0]},{v[1]}]"
 
         setup = "sm256" if self.single else "ens9"
-        return (f"+setup={setup} model={model} setup.image_size={size(self.image_size)} setup.tile_size={size(self.tile_size)} "
+        return (f"+setup={setup} model={model} backbone={backbone} setup.image_size={size(self.image_size)} setup.tile_size={size(self.tile_size)} "
                 f"setup.stride={size(self.stride)} model.batch_size=1")
 
 
@@ -160,7 +160,7 @@ def describe(plan: Plan, study: dict, cfg: DictConfig) -> str:
         f"  predicted latency: {plan.predicted_seconds:.3f} s per image ({s['device']}, tiles one after another)",
         f"  curves: {study.get('source')} (resolutions {s['resolutions']} px, n_train={s['n_train']}"
         + (f", coreset_ratio={s['coreset_ratio']}" if "coreset_ratio" in s else "") + ")",
-        f"  run: python -m tiled_hydra {plan.overrides(str(cfg.model.name))}",
+        f"  run: python -m tiled_hydra {plan.overrides(str(cfg.model.name), str(cfg.backbone.name))}",
     ]
     return "\n".join(lines)
 

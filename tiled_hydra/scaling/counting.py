@@ -8,7 +8,7 @@ A slot's components are found by name, never from a per-model table:
 - the head: the parameters and buffers of ``slot.model`` itself (PaDiM's per-patch Gaussians,
   PatchCore's memory bank) together with the work of ``slot.model.forward`` outside its child
   modules (Mahalanobis distance, faiss kNN search, upsampling, blur).  It is named after its
-  largest floating-point buffer (``whitening``, ``memory_bank``), or ``head`` when it has none;
+  largest table of fitted statistics (``whitening``, ``memory_bank``), or ``head`` when it has none;
 - ``other``: the rest of the step (feature concatenation, normalisation, ...), time only.
 
 Memory as paper 003 defines it (Eq. 1): M = sum over layers l of p(l) d_p + a(l) d_a, with
@@ -68,10 +68,12 @@ def callables(module: nn.Module) -> list[nn.Module]:
 
 
 def head_name(model: nn.Module) -> str:
-    """The head is named after the model's largest own floating-point buffer (index buffers do not count)."""
-    own = [(b.numel(), name) for name, b in model.named_buffers(recurse=False) if b is not None and b.is_floating_point()]
-    own += [(p.numel(), name) for name, p in model.named_parameters(recurse=False)]
-    return max(own)[1] if own else HEAD
+    """The head is named after the model's largest own table of fitted statistics: a floating-point
+    buffer or parameter with at least two non-singleton dimensions (PaDiM's ``whitening`` (P, D, D),
+    PatchCore's ``memory_bank`` (M, D)); index vectors and per-channel constants do not name it."""
+    tables = [(t.numel(), name) for name, t in [*model.named_buffers(recurse=False), *model.named_parameters(recurse=False)]
+              if t is not None and t.is_floating_point() and sum(s > 1 for s in t.shape) >= 2]
+    return max(tables)[1] if tables else HEAD
 
 
 def components(slot: nn.Module) -> dict[str, nn.Module]:

@@ -48,8 +48,8 @@ def study_figures(study: dict, out: Path) -> list[Path]:
     name, records = f"{study['model']} ({study['backbone']})", study["measurements"]
     kind = records[0]["mem_kind"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    _stacked(ax, study, "counted_bytes", MIB, "memory (MiB)", f"{name}: memory per component (Eq. 1-3: parameters + "
-             "buffers + layer outputs)")
+    _stacked(ax, study, "counted_bytes", MIB, "memory (MiB)", f"{name}: memory per component\n(Eq. 1-3: parameters + buffers + "
+             "layer outputs)")
     ax.plot(np.arange(len(records)), [r["peak_bytes"] / MIB for r in records], "k_", markersize=28, mew=2,
             label=f"measured peak ({kind})")
     ax.legend(fontsize=8)
@@ -61,7 +61,7 @@ def study_figures(study: dict, out: Path) -> list[Path]:
     s = study["settings"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     _stacked(ax, study, "seconds", 1e-3, "time per image (ms)",
-             f"{name}: runtime per component ({s['device']}, mean of {s['repeats']} after {s['warmup']} warm-up)")
+             f"{name}: runtime per component\n({s['device']}, mean of {s['repeats']} timed steps after {s['warmup']} warm-up)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     runtime = out / "runtime_components.png"
