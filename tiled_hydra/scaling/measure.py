@@ -53,8 +53,10 @@ def release_host_memory() -> None:
 
 
 def single_model_cfg(cfg: DictConfig, resolution: int, train_steps: int) -> DictConfig:
-    """The study's config as a single-model run at ``resolution`` (what SlotRunner expects)."""
-    run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    """The study's config as a single-model run at ``resolution`` (what SlotRunner expects).
+
+    Unresolved copy first: model options that follow the tile (``${setup.tile_size}``) see R."""
+    run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(run_cfg):
         run_cfg.setup = {"name": f"scaling{resolution}", "image_size": resolution, "tile_size": resolution,
                          "stride": resolution, "shared": True}

@@ -146,7 +146,7 @@ def settings(cfg: DictConfig, device: torch.device, warmup: int, repeats: int) -
         "tiled_bytes_per_pixel": float(cfg.tiled_bytes_per_pixel),
         "random_backbone_weights": random_backbone,
         "backbone_weights": str(cfg.backbone.weights),
-        "model_config": OmegaConf.to_container(net, resolve=True),
+        "model_config": OmegaConf.to_container(net, resolve=False),  # ${setup.tile_size} = each resolution
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # timings on a shared machine: state the load
     }
