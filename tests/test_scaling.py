@@ -214,7 +214,8 @@ def test_compare_draws_cross_model_figures_from_study_dirs(tiny_study, tmp_path)
     result = subprocess.run([sys.executable, "-m", "tiled_hydra.compare", str(run_dir.parent), "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for name in ("memory_extrapolated.png", "runtime_extrapolated.png", "peak_extrapolated.png", "max_resolution.md"):
+    for name in ("memory_extrapolated.png", "runtime_extrapolated.png", "peak_extrapolated.png", "max_resolution.md",
+                 "fits.md", "components.md"):
         assert (out / name).is_file()
     assert "| padim |" in (out / "max_resolution.md").read_text()
 

@@ -159,6 +159,40 @@ def table_markdown(studies: list[dict], quantity: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fits_markdown(studies: list[dict]) -> str:
+    """R^2, hold-out error at the largest side and the extrapolation of every total, per model."""
+    top = max(max(s["settings"]["extrapolate_to"]) for s in studies)
+    names = {"counted_bytes": "memory, Eq. 1-3", "peak_bytes": "measured peak", "seconds": "time per image"}
+    lines = ["| model | quantity | R^2 | hold-out side | hold-out rel. error | measured at largest | "
+             f"extrapolated to {top} px |", "|---|---|---:|---:|---:|---:|---:|"]
+    for study in studies:
+        for f in study["fits"]:
+            if f["component"] != "total":
+                continue
+            h = f["holdout"] or {}
+            value = f["extrapolated"].get(str(top))
+            show = (lambda v: f"{v:.3g} s") if f["quantity"] == "seconds" else format_bytes
+            lines.append(f"| {study['model']} | {names[f['quantity']]} | {f['r2']:.5f} | {h.get('x', 0):.0f} | "
+                         f"{100 * h['relative_error']:.2f} % | {show(h['measured'])} | {show(value)} |" if h else
+                         f"| {study['model']} | {names[f['quantity']]} | {f['r2']:.5f} | - | - | - | {show(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def shares_markdown(studies: list[dict]) -> str:
+    """Share of every component in counted memory and in time at the largest measured side."""
+    lines = ["| model | side | memory (Eq. 1-3) by component | time by component |", "|---|---:|---|---|"]
+    for study in studies:
+        r = study["measurements"][-1]
+        mem = sum(c["counted_bytes"] for c in r["components"].values()) or 1
+        sec = sum(c["seconds"] for c in r["components"].values()) or 1
+        by_mem = sorted(r["components"].items(), key=lambda kv: -kv[1]["counted_bytes"])
+        by_sec = sorted(r["components"].items(), key=lambda kv: -kv[1]["seconds"])
+        lines.append(f"| {study['model']} | {r['resolution']} | "
+                     + ", ".join(f"{n} {100 * c['counted_bytes'] / mem:.0f} %" for n, c in by_mem if c["counted_bytes"]) + " | "
+                     + ", ".join(f"{n} {100 * c['seconds'] / sec:.0f} %" for n, c in by_sec if c["seconds"] / sec >= 0.005) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def cross_model(studies: list[dict], out: Path) -> list[Path]:
     """Fig. 8-9 analogues and the max-resolution table for every study found; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +214,9 @@ def cross_model(studies: list[dict], out: Path) -> list[Path]:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return [f for f in files if f] + [out / "max_resolution.md", out / "max_resolution.csv"]
+    (out / "fits.md").write_text(fits_markdown(studies))
+    (out / "components.md").write_text(shares_markdown(studies))
+    return [f for f in files if f] + [out / n for n in ("max_resolution.md", "max_resolution.csv", "fits.md", "components.md")]
 
 
 def compare_studies(sources: list[str], out: Path) -> bool:
