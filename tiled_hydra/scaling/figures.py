@@ -89,17 +89,24 @@ def _label(study: dict, several_backbones: bool) -> str:
     return f"{study['model']} ({study['backbone']})" if several_backbones else study["model"]
 
 
-def _guides(ax, studies: list[dict], horizontal: bool) -> None:
+def _guides(ax, studies: list[dict], horizontal: bool, top_y: float | None) -> None:
     s = studies[0]["settings"]
     for mp in s["sensor_mp"]:
         side = math.sqrt(mp * 1e6)
         ax.axvline(side, color="grey", lw=0.8, ls=":")
-        ax.text(side, 1.0, f" {mp:g} MP", transform=ax.get_xaxis_transform(), fontsize=7, va="top", rotation=90)
+        ax.text(side, 0.99, f" {mp:g} MP", transform=ax.get_xaxis_transform(), fontsize=7, va="top", rotation=90)
     if horizontal:
         for size in s["memory_sizes"]:
-            ax.axhline(size / GIB, color="tab:red", lw=0.7, ls="--", alpha=0.6)
-            ax.text(1.0, size / GIB, f" {format_bytes(size)}", transform=ax.get_yaxis_transform(), fontsize=7, va="center",
-                    color="tab:red")
+            if top_y is None or size / GIB <= top_y:
+                ax.axhline(size / GIB, color="tab:red", lw=0.7, ls="--", alpha=0.6)
+                ax.text(1.0, size / GIB, f" {format_bytes(size)}", transform=ax.get_yaxis_transform(), fontsize=7,
+                        va="center", color="tab:red")
+
+
+def x_range(studies: list[dict]) -> float:
+    """The curves reach the largest extrapolation side or the largest square sensor, whichever is larger."""
+    s = studies[0]["settings"]
+    return max([*s["extrapolate_to"], *(math.sqrt(mp * 1e6) for mp in s["sensor_mp"])]) * 1.02
 
 
 def extrapolated(studies: list[dict], out: Path, quantity: str, scale: float, ylabel: str, title: str, path: str,
@@ -107,24 +114,28 @@ def extrapolated(studies: list[dict], out: Path, quantity: str, scale: float, yl
     if not studies:
         return None
     several = len({s["backbone"] for s in studies}) > 1
-    top = max(max(s["settings"]["extrapolate_to"]) for s in studies)
+    top = x_range(studies)
     xs = np.linspace(0, top, 300)
     fig, ax = plt.subplots(figsize=(9, 5))
     colors = plt.get_cmap("tab10")
+    highest = 0.0
     for i, study in enumerate(studies):
         curve = curve_of(study, quantity)
         if curve is None:
             continue
         color = colors(i % 10)
-        ax.plot(xs, curve(xs) / scale, color=color, label=_label(study, several))
+        ys = curve(xs) / scale
+        highest = max(highest, float(np.max(ys)))
+        ax.plot(xs, ys, color=color, label=_label(study, several))
         measured = study["measurements"]
         ax.plot([r["resolution"] for r in measured], [r[quantity] / scale for r in measured], "o", color=color, ms=4)
-    _guides(ax, studies, horizontal)
+    top_y = highest * 1.08 if horizontal else None
+    _guides(ax, studies, horizontal, top_y)
     ax.set_xlim(0, top)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("square image side (px); dots measured, lines the fitted quadratic")
+    ax.set_ylim(0, top_y)
+    ax.set_xlabel("square image side (px); dots measured, lines the fitted quadratic (Eq. 3-4)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -199,12 +210,12 @@ def cross_model(studies: list[dict], out: Path) -> list[Path]:
     device = "/".join(sorted({s["settings"]["device"] for s in studies}))
     files = [
         extrapolated(studies, out, "counted_bytes", GIB, "memory (GiB), Eq. 1-3, batch size 1",
-                     "Extrapolated inference memory (hook-counted) vs accelerator memory and sensor size",
+                     "Extrapolated inference memory (Eq. 1-3), accelerator memory sizes (red), square sensors (grey)",
                      "memory_extrapolated.png", True),
         extrapolated(studies, out, "peak_bytes", GIB, f"measured peak memory (GiB, {device})",
-                     "Extrapolated measured peak memory", "peak_extrapolated.png", True),
+                     "Extrapolated measured peak memory, accelerator memory sizes (red), square sensors (grey)", "peak_extrapolated.png", True),
         extrapolated(studies, out, "seconds", 1.0, f"time per image (s, {device})",
-                     "Extrapolated inference runtime", "runtime_extrapolated.png", False),
+                     "Extrapolated inference time per image, square sensors (grey)", "runtime_extrapolated.png", False),
     ]
     text = "\n".join(t for t in (table_markdown(studies, q) for q in ("counted_bytes", "peak_bytes")) if t)
     (out / "max_resolution.md").write_text(text)
