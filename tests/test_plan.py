@@ -116,7 +116,7 @@ def compose_plan(overrides: list[str]):
     (["memory_budget=8GiB", "study=/nonexistent/dir"], "study=/nonexistent/dir: no such directory"),
     (["memory_budget=8GiB", "model=patchcore"], "holds no study of model=patchcore"),
     (["memory_budget=8GiB", "objective=fast"], "objective=fast: choose one of accuracy, latency"),
-    (["memory_budget=8GiB", "memory=rss"], "memory=rss: choose one of peak_bytes, counted_bytes"),
+    (["memory_budget=8GiB", "memory=rss"], "memory=rss: choose one of max, peak_bytes, counted_bytes"),
     (["memory_budget=8GiB", "study=null", "resolutions=[]"], "resolutions must be a non-empty list"),
     (["memory_budget=8GiB", "study=null", "resolutions=[128,-256,512]"], "resolutions must be positive integers"),
 ])

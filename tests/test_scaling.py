@@ -233,7 +233,7 @@ def test_planned_tile_measured_for_real_stays_within_the_budget(tiny_study):
     from tiled_hydra.scaling.measure import measure_resolution
 
     study, run_dir = tiny_study
-    memory, seconds = study_curves(study, "peak_bytes")
+    memory, seconds = study_curves(study)  # the default: the larger of measured peak and Eq. 1-3 count
     budget = int(memory(160))  # below the single model at 256 px, above the 64 px tile
     plan = choose(256, budget, memory, seconds)
     assert not plan.single and 64 <= plan.tile_size[0] < 160

@@ -38,7 +38,18 @@ from tiled_hydra.tiling import TileGrid, _pair
 log = logging.getLogger("tiled_hydra")
 
 OBJECTIVES = ("accuracy", "latency")
-MEMORY_CURVES = ("peak_bytes", "counted_bytes")
+MEMORY_CURVES = ("max", "peak_bytes", "counted_bytes")
+
+
+@dataclass
+class UpperCurve:
+    """The larger of several fitted curves at every side (the planner's default: a measured peak
+    fitted on a noisy CPU can bend down, the Eq. 1-3 count misses functional temporaries)."""
+
+    curves: list[Quadratic]
+
+    def __call__(self, x):
+        return max(float(c(x)) for c in self.curves)
 
 
 @dataclass
@@ -104,13 +115,15 @@ def choose(image_size, budget: int, memory: Quadratic, seconds: Quadratic, objec
 
 
 # -- curves ----------------------------------------------------------------------------------------
-def study_curves(study: dict, memory_key: str) -> tuple[Quadratic, Quadratic]:
+def study_curves(study: dict, memory_key: str = "max") -> tuple[Quadratic | UpperCurve, Quadratic]:
     from tiled_hydra.scaling.study import curve_of
 
-    memory, seconds = curve_of(study, memory_key), curve_of(study, "seconds")
-    if memory is None or seconds is None:
+    keys = ("peak_bytes", "counted_bytes") if memory_key == "max" else (memory_key,)
+    curves = [curve_of(study, key) for key in keys]
+    seconds = curve_of(study, "seconds")
+    if None in curves or seconds is None:
         raise ConfigError(f"study {study.get('source')} has no fits (it needs at least 3 resolutions)")
-    return memory, seconds
+    return (UpperCurve(curves) if len(curves) > 1 else curves[0]), seconds
 
 
 def load_study(path: str, model: str, backbone: str) -> dict:
@@ -150,7 +163,8 @@ def plan_from_cfg(cfg: DictConfig, run_dir: Path) -> tuple[Plan, dict]:
 
 def describe(plan: Plan, study: dict, cfg: DictConfig) -> str:
     s = study["settings"]
-    kind = {"peak_bytes": f"measured peak ({study['measurements'][0]['mem_kind']})", "counted_bytes": "Eq. 1-3 count"}
+    measured = f"measured peak ({study['measurements'][0]['mem_kind']})"
+    kind = {"peak_bytes": measured, "counted_bytes": "Eq. 1-3 count", "max": f"larger of Eq. 1-3 count and {measured}"}
     lines = [
         f"plan for {cfg.model.name} ({cfg.backbone.name}), image {plan.image_size[0]}x{plan.image_size[1]}, "
         f"budget {format_bytes(parse_bytes(cfg.memory_budget))}, objective={cfg.objective}:",

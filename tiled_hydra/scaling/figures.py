@@ -157,13 +157,13 @@ def table_markdown(studies: list[dict], quantity: str) -> str:
     tile = rows[0]["tile_size"]
     what = "hook-counted memory (Eq. 1-3)" if quantity == "counted_bytes" else "measured peak memory"
     lines = [f"Largest square side (px) per memory size from the fitted {what}: single model / tiled ensemble "
-             f"({tile} px tiles; '-' = does not fit)", "",
+             f"({tile} px tiles; '-' = does not fit; n/a = the fit bends down, no limit)", "",
              "| model | " + " | ".join(format_bytes(s) for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for model in models:
         cells = []
         for size in sizes:
             row = next(r for r in rows if r["model"] == model and r["memory_bytes"] == size)
-            single = row["single_model_side"] or "-"
+            single = "n/a" if row.get("concave_fit") else row["single_model_side"] or "-"
             tiled = row["tiled_side"] or "-"
             cells.append(f"{single} / {tiled}")
         lines.append(f"| {model} | " + " | ".join(map(str, cells)) + " |")

@@ -98,11 +98,12 @@ def max_resolution_table(study: dict, memory_sizes: list[int], tile: int, bytes_
     tile_cost = float(curve(tile))
     rows = []
     for size in memory_sizes:
-        single = curve.largest_side(size, start=32)
+        # a concave fit (b2 < 0, noisy measurements) bends down: no extrapolated limit to report
+        single = curve.largest_side(size, start=32) if curve.b2 > 0 else None
         tiled = math.isqrt(int((size - tile_cost) / bytes_per_pixel)) if size > tile_cost else None
         rows.append({"model": study["model"], "memory_bytes": size, "memory": format_bytes(size), "quantity": quantity,
                      "single_model_side": single, "tiled_side": tiled, "tile_size": tile,
-                     "tile_model_bytes": tile_cost})
+                     "tile_model_bytes": tile_cost, "concave_fit": curve.b2 <= 0})
     return rows
 
 
