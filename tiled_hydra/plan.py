@@ -12,6 +12,9 @@ Rules:
 - candidates: the single model (tile = image), and square tiles from ``min_tile`` to the short
   image side in steps of ``tile_step`` px, stride = tile (``overlap=false``) or tile/2
   (``overlap=true``, as ENS9); tiles counted with the run's TileGrid (zero padding included);
+- predicted peak: the fitted step peak of one model at the tile size, plus (``load_copy=true``)
+  its state once more: a run reads a slot's checkpoint into memory and copies it into the model,
+  so both exist while the slot loads;
 - feasible: predicted peak x (1 + ``headroom``) <= budget;
 - ``objective=accuracy``: the single model if feasible, else the largest feasible tile (most
   context per model; overlap as chosen);
@@ -44,12 +47,14 @@ MEMORY_CURVES = ("max", "peak_bytes", "counted_bytes")
 @dataclass
 class UpperCurve:
     """The larger of several fitted curves at every side (the planner's default: a measured peak
-    fitted on a noisy CPU can bend down, the Eq. 1-3 count misses functional temporaries)."""
+    fitted on a noisy CPU can bend down, the Eq. 1-3 count misses functional temporaries), plus
+    optional curves that add on top (the checkpoint copy of the state while a slot loads)."""
 
     curves: list[Quadratic]
+    added: tuple = ()
 
     def __call__(self, x):
-        return max(float(c(x)) for c in self.curves)
+        return max(float(c(x)) for c in self.curves) + sum(float(c(x)) for c in self.added)
 
 
 @dataclass
@@ -115,7 +120,18 @@ def choose(image_size, budget: int, memory: Quadratic, seconds: Quadratic, objec
 
 
 # -- curves ----------------------------------------------------------------------------------------
-def study_curves(study: dict, memory_key: str = "max") -> tuple[Quadratic | UpperCurve, Quadratic]:
+def state_curve(study: dict) -> Quadratic:
+    """Fitted parameter + buffer bytes of the whole slot: the sum of the components' state fits."""
+    from tiled_hydra.scaling.study import curve_of
+
+    parts = [curve_of(study, "state_bytes", name) for name in study["components"]]
+    parts = [p for p in parts if p is not None]
+    return Quadratic(sum(p.b0 for p in parts), sum(p.b1 for p in parts), sum(p.b2 for p in parts), 1.0, 0)
+
+
+def study_curves(study: dict, memory_key: str = "max", load_copy: bool = False) -> tuple[UpperCurve, Quadratic]:
+    """Memory and time curves of a study. ``load_copy``: add the slot's state once more, as a run
+    holds it twice while it loads a slot from its checkpoint (file tensors + model buffers)."""
     from tiled_hydra.scaling.study import curve_of
 
     keys = ("peak_bytes", "counted_bytes") if memory_key == "max" else (memory_key,)
@@ -123,7 +139,7 @@ def study_curves(study: dict, memory_key: str = "max") -> tuple[Quadratic | Uppe
     seconds = curve_of(study, "seconds")
     if None in curves or seconds is None:
         raise ConfigError(f"study {study.get('source')} has no fits (it needs at least 3 resolutions)")
-    return (UpperCurve(curves) if len(curves) > 1 else curves[0]), seconds
+    return UpperCurve(curves, (state_curve(study),) if load_copy else ()), seconds
 
 
 def load_study(path: str, model: str, backbone: str) -> dict:
@@ -155,7 +171,7 @@ def plan_from_cfg(cfg: DictConfig, run_dir: Path) -> tuple[Plan, dict]:
         log.info("no study=DIR given: measuring %s at %s px", cfg.model.name, list(cfg.resolutions))
         study = run_study(cfg, run_dir)
         study["source"] = str(run_dir)
-    memory, seconds = study_curves(study, memory_key)
+    memory, seconds = study_curves(study, memory_key, bool(cfg.load_copy))
     plan = choose(cfg.image_size, budget, memory, seconds, str(cfg.objective), bool(cfg.overlap), int(cfg.min_tile),
                   int(cfg.tile_step), float(cfg.headroom))
     return plan, study
@@ -165,12 +181,13 @@ def describe(plan: Plan, study: dict, cfg: DictConfig) -> str:
     s = study["settings"]
     measured = f"measured peak ({study['measurements'][0]['mem_kind']})"
     kind = {"peak_bytes": measured, "counted_bytes": "Eq. 1-3 count", "max": f"larger of Eq. 1-3 count and {measured}"}
+    kind = kind[str(cfg.memory)] + (" + the state's checkpoint copy while a slot loads" if cfg.load_copy else "")
     lines = [
         f"plan for {cfg.model.name} ({cfg.backbone.name}), image {plan.image_size[0]}x{plan.image_size[1]}, "
         f"budget {format_bytes(parse_bytes(cfg.memory_budget))}, objective={cfg.objective}:",
         "  single model" if plan.single else
         f"  tile {plan.tile_size[0]} px, stride {plan.stride[0]} px -> {plan.num_tiles} tiles, {plan.num_tiles} models",
-        f"  predicted peak memory: {format_bytes(plan.predicted_bytes)} ({kind[str(cfg.memory)]}, one model resident, batch size 1)",
+        f"  predicted peak memory: {format_bytes(plan.predicted_bytes)} ({kind}, one model resident, batch size 1)",
         f"  predicted latency: {plan.predicted_seconds:.3f} s per image ({s['device']}, tiles one after another)",
         f"  curves: {study.get('source')} (resolutions {s['resolutions']} px, n_train={s['n_train']}"
         + (f", coreset_ratio={s['coreset_ratio']}" if "coreset_ratio" in s else "") + ")",
