@@ -3,8 +3,6 @@ quadratics, a real tiny study through Hydra composition, and compare picking it 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,9 +209,9 @@ def test_counted_memory_is_quadratic_in_the_side(tiny_study):
 def test_compare_draws_cross_model_figures_from_study_dirs(tiny_study, tmp_path):
     _, run_dir = tiny_study
     out = tmp_path / "cmp"
-    result = subprocess.run([sys.executable, "-m", "tiled_hydra.compare", str(run_dir.parent), "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    from tiled_hydra import compare
+
+    compare.main([str(run_dir.parent), "--out", str(out)])  # the command's entry point, in-process
     for name in ("memory_extrapolated.png", "runtime_extrapolated.png", "peak_extrapolated.png", "max_resolution.md",
                  "fits.md", "components.md"):
         assert (out / name).is_file()
