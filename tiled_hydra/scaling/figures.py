@@ -145,7 +145,11 @@ def extrapolated(studies: list[dict], out: Path, quantity: str, scale: float, yl
 
 
 def table_rows(studies: list[dict], quantity: str) -> list[dict]:
-    return [row for s in studies for row in s.get("max_resolution", []) if row["quantity"] == quantity]
+    """Max-resolution rows recomputed from each study's fits and settings (same rule for old files)."""
+    from tiled_hydra.scaling.study import max_resolution_table
+
+    return [row for s in studies for row in max_resolution_table(
+        s, s["settings"]["memory_sizes"], s["settings"]["tile_size"], s["settings"]["tiled_bytes_per_pixel"], quantity)]
 
 
 def table_markdown(studies: list[dict], quantity: str) -> str:
