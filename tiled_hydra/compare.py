@@ -379,11 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-wandb", action="store_true", help="read the W&B offline runs below a directory, not results.json")
     parser.add_argument("--baseline", default=significance.BASELINE, help="setup every other setup is compared with (paired bootstrap)")
     args = parser.parse_args(argv)
+    from tiled_hydra.scaling.figures import compare_studies
     single_dir = len(args.sources) == 1 and Path(args.sources[0]).is_dir() and not is_offline_run(Path(args.sources[0]))
     out = args.out or (Path(args.sources[0]) / "compare" if single_dir else Path("outputs/compare"))
     try:
         if args.datastats and not args.datastats.is_file():
             raise CompareError(f"--datastats {args.datastats}: no such file (write it with python -m tiled_hydra.datastats)")
+        if compare_studies(args.sources, out):  # paper 003 scaling studies only: cross-model figures drawn
+            return
         compare(args.sources, out, args.datastats, args.from_wandb, args.baseline)
     except CompareError as err:
         print(f"tiled_hydra.compare: error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ interrupted run resumable.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -262,6 +263,9 @@ class SlotRunner:
 
     def release(self) -> None:
         """Give freed accelerator memory back so the next slot starts clean."""
+        # A LightningModule sits in reference cycles: ``del model`` alone leaves its tensors alive
+        # until the cyclic GC runs, so the next slot would load beside the previous one.
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

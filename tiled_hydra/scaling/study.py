@@ -1,0 +1,197 @@
+"""The study of one model: measure every resolution, fit the quadratics, write the run dir.
+
+Files (written when complete; ``scaling.json`` last, atomically):
+- ``scaling.json``: settings, every measurement, every fit, extrapolations, the max-resolution table;
+- ``measurements.csv``: one row per resolution and component;
+- ``fits.csv``: one row per fitted quantity (component or total);
+- ``memory_components.png``, ``runtime_components.png``: paper 003 Fig. 2/4/6 and 3/5/7.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tiled_hydra.backbone import build_backbone
+from tiled_hydra.errors import ConfigError
+from tiled_hydra.scaling.fit import Quadratic, holdout_error
+from tiled_hydra.scaling.units import format_bytes, parse_bytes
+
+log = logging.getLogger("tiled_hydra")
+
+RESULT_FILE = "scaling.json"
+#: totals that are fitted, beside every component's counted bytes and seconds
+TOTALS = ("counted_bytes", "peak_bytes", "seconds")
+
+
+def check_resolutions(values) -> list[int]:
+    """A non-empty list of positive integer sides, sorted; one-line ConfigError otherwise."""
+    if values is None or isinstance(values, (str, int, float)) or len(values) == 0:
+        raise ConfigError(f"resolutions must be a non-empty list of image sides in px, e.g. resolutions=[256,512,768]; got {values}")
+    sides = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v <= 0:
+            raise ConfigError(f"resolutions must be positive integers (px); got {list(values)}")
+        sides.append(int(v))
+    if len(set(sides)) != len(sides):
+        raise ConfigError(f"resolutions must not repeat; got {sides}")
+    return sorted(sides)
+
+
+def timing_protocol(cfg: DictConfig, device: torch.device) -> tuple[int, int]:
+    protocol = cfg.timing.cuda if device.type == "cuda" else cfg.timing.cpu
+    warmup, repeats = int(protocol.warmup), int(protocol.repeats)
+    if warmup < 0 or repeats < 1:
+        raise ConfigError(f"timing.{device.type}: need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    return warmup, repeats
+
+
+def series(records: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """{(quantity, component or 'total'): values in resolution order}."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for key in TOTALS:
+        out[key, "total"] = [float(r[key]) for r in records]
+    for name in records[0]["components"]:
+        for key in ("state_bytes", "activation_bytes", "counted_bytes", "seconds"):
+            out[key, name] = [float(r["components"][name][key]) for r in records]
+    return out
+
+
+def fit_all(records: list[dict], extrapolate_to: list[int]) -> list[dict]:
+    """Quadratic, R^2, hold-out and extrapolation for every series; [] with fewer than 3 resolutions."""
+    x = [r["resolution"] for r in records]
+    if len(set(x)) < 3:
+        return []
+    fits = []
+    for (quantity, component), y in series(records).items():
+        curve = Quadratic.fit(x, y)
+        fits.append({"quantity": quantity, "component": component, **curve.as_dict(),
+                     "holdout": holdout_error(x, y),
+                     "extrapolated": {str(side): float(curve(side)) for side in extrapolate_to}})
+    return fits
+
+
+def curve_of(study: dict, quantity: str, component: str = "total") -> Quadratic | None:
+    for f in study.get("fits", []):
+        if f["quantity"] == quantity and f["component"] == component:
+            return Quadratic(f["b0"], f["b1"], f["b2"], f["r2"], f["n_points"])
+    return None
+
+
+def max_resolution_table(study: dict, memory_sizes: list[int], tile: int, bytes_per_pixel: float,
+                         quantity: str = "counted_bytes") -> list[dict]:
+    """Largest square side each memory size serves: one model at the full image vs a tiled ensemble.
+
+    Tiled ensemble: one tile model is resident at a time, so its memory is the curve at the tile
+    size; the image only adds ``bytes_per_pixel`` buffers (uint8 image + float32 merged map),
+    whose side limit is sqrt((budget - tile model) / bytes_per_pixel).
+    """
+    curve = curve_of(study, quantity)
+    if curve is None:
+        return []
+    tile_cost = float(curve(tile))
+    rows = []
+    for size in memory_sizes:
+        # a concave fit (b2 < 0, noisy measurements) bends down: no extrapolated limit to report
+        single = curve.largest_side(size, start=32) if curve.b2 > 0 else None
+        tiled = math.isqrt(int((size - tile_cost) / bytes_per_pixel)) if size > tile_cost else None
+        rows.append({"model": study["model"], "memory_bytes": size, "memory": format_bytes(size), "quantity": quantity,
+                     "single_model_side": single, "tiled_side": tiled, "tile_size": tile,
+                     "tile_model_bytes": tile_cost, "concave_fit": curve.b2 <= 0})
+    return rows
+
+
+def write_csvs(run_dir: Path, study: dict) -> None:
+    with (run_dir / "measurements.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "backbone", "resolution", "component", "state_bytes", "activation_bytes",
+                         "counted_bytes", "seconds", "peak_bytes_total", "seconds_total", "mem_kind"])
+        for r in study["measurements"]:
+            for name, c in r["components"].items():
+                writer.writerow([study["model"], study["backbone"], r["resolution"], name, c["state_bytes"],
+                                 c["activation_bytes"], c["counted_bytes"], f"{c['seconds']:.6f}", r["peak_bytes"],
+                                 f"{r['seconds']:.6f}", r["mem_kind"]])
+    with (run_dir / "fits.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        sides = study["settings"]["extrapolate_to"]
+        writer.writerow(["model", "quantity", "component", "b0", "b1", "b2", "r2", "holdout_x",
+                         "holdout_relative_error", *[f"at_{s}" for s in sides]])
+        for fit in study["fits"]:
+            h = fit["holdout"] or {}
+            writer.writerow([study["model"], fit["quantity"], fit["component"], fit["b0"], fit["b1"], fit["b2"],
+                             fit["r2"], h.get("x", ""), h.get("relative_error", ""),
+                             *[fit["extrapolated"][str(s)] for s in sides]])
+
+
+def settings(cfg: DictConfig, device: torch.device, warmup: int, repeats: int) -> dict:
+    net = cfg.model.net
+    random_backbone = str(cfg.backbone.weights) == "none"
+    out = {
+        "resolutions": check_resolutions(cfg.resolutions),
+        "batch_size": 1,
+        "n_train": int(cfg.n_train),
+        "train_steps": int(cfg.train_steps),
+        "device": device.type,
+        "warmup": warmup,
+        "repeats": repeats,
+        "extrapolate_to": [int(s) for s in cfg.extrapolate_to],
+        "tile_size": int(cfg.tile_size),
+        "memory_sizes": [parse_bytes(s, "memory_sizes") for s in cfg.memory_sizes],
+        "sensor_mp": [float(m) for m in cfg.sensor_mp],
+        "tiled_bytes_per_pixel": float(cfg.tiled_bytes_per_pixel),
+        "random_backbone_weights": random_backbone,
+        "backbone_weights": str(cfg.backbone.weights),
+        "model_config": OmegaConf.to_container(net, resolve=False),  # ${setup.tile_size} = each resolution
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # timings on a shared machine: state the load
+    }
+    if "coreset_ratio" in net:
+        out["coreset_ratio"] = float(net.coreset_ratio)
+    return out
+
+
+def run_study(cfg: DictConfig, run_dir: Path) -> dict:
+    from tiled_hydra.report import write_json_atomic
+    from tiled_hydra.run import resolve_device
+    from tiled_hydra.scaling.figures import study_figures
+    from tiled_hydra.scaling.measure import measure_resolution
+
+    device = resolve_device(str(cfg.trainer.accelerator))
+    warmup, repeats = timing_protocol(cfg, device)
+    info = settings(cfg, device, warmup, repeats)
+    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
+    records = []
+    for side in info["resolutions"]:
+        record = measure_resolution(cfg, backbone, side, device, trainer_kwargs, run_dir / "checkpoints", warmup, repeats)
+        records.append(record)
+        log.info("%s %d px: counted %s, peak %s (%s), %.3f s/image, state: %s", cfg.model.name, side,
+                 format_bytes(record["counted_bytes"]), format_bytes(record["peak_bytes"]), record["mem_kind"],
+                 record["seconds"], record["state_made_by"])
+    study = {
+        "study": "scaling",
+        "model": str(cfg.model.name),
+        "backbone": str(cfg.backbone.name),
+        "settings": info,
+        "components": list(records[0]["components"]),
+        "measurements": records,
+        "fits": fit_all(records, info["extrapolate_to"]),
+    }
+    study["settings"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    study["max_resolution"] = [row for quantity in ("counted_bytes", "peak_bytes")
+                               for row in max_resolution_table(study, info["memory_sizes"], info["tile_size"],
+                                                               info["tiled_bytes_per_pixel"], quantity)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "checkpoints").is_dir() and not any((run_dir / "checkpoints").iterdir()):
+        (run_dir / "checkpoints").rmdir()  # SlotRunner makes it; the study saves no slot
+    write_csvs(run_dir, study)
+    study["figures"] = [str(p.name) for p in study_figures(study, run_dir)]
+    write_json_atomic(run_dir / RESULT_FILE, study)  # last: its presence means the study completed
+    return study
