@@ -160,6 +160,7 @@ class SlotRunner:
             del parts
         else:
             dataset = LazyTiles(images, self.grid, self.slots[slot])
+        dataset = model.split_training_data(dataset)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=model.trainable, drop_last=False)
         trainer = L.Trainer(
             max_epochs=int(self.cfg.model.max_epochs), max_steps=int(self.cfg.model.max_steps), **self.trainer_kwargs
