@@ -5,11 +5,11 @@ How a slot learns (CPU-feasible, same losses as the paper):
   ever sees them; the map quantiles are fitted on them in ``on_train_end``.
 - ``on_fit_start``: teacher weights (``teacher`` file, or the cached / freshly distilled one),
   then the teacher's channel mean/std over the slot's training tiles.
-- each step takes a batch of tiles.  The teacher-student terms (hard-feature loss, penalty) use
-  random crops: the unpadded PDN is fully convolutional, so a crop's output is exactly a window of
-  the whole tile's output and crops give the same loss terms for a fraction of the cost.  The
-  autoencoder always sees whole (augmented) tiles; the student's autoencoder half is compared with
-  the matching window of the autoencoder's output.
+- each step takes a batch of tiles.  Teacher and student run on random crops: the unpadded PDN
+  is fully convolutional, so a crop at an offset that is a multiple of its stride (4) yields
+  exactly a window of the whole tile's output, and every loss term on crops is the same term on
+  a sample of the output cells.  The autoencoder always sees whole (augmented) tiles; its output
+  is compared, window by window, with the teacher and the student's second half on the crops.
 """
 
 from __future__ import annotations
@@ -156,16 +156,19 @@ class EfficientAd(AnomalyModule):
             loss = loss + loss_penalty
             self.log("loss_penalty", loss_penalty)
 
-        # Autoencoder on whole augmented tiles; the student's second half on crops of the same tiles.
+        # Autoencoder on whole augmented tiles.  Its loss against the teacher, and the student's
+        # second half against it, are taken on crop windows: the same terms as on the whole output,
+        # sampled, so the teacher and student never run on a whole tile during training.
         augmented = color_jitter(tiles, hp.ae_jitter, self._generator)
-        x_aug = self._prepare(augmented)
-        ae_out = model.autoencoder(x_aug)
-        loss_ae = (model.teacher_features(x_aug) - ae_out).pow(2).mean()
+        ae_out = model.autoencoder(self._prepare(augmented))
         aug_crops, offsets = self._crops(augmented, side)
-        student_ae = model.student(self._prepare(aug_crops))[:, OUT_CHANNELS:]
+        x_aug = self._prepare(aug_crops)
+        teacher_aug = model.teacher_features(x_aug)
+        student_ae = model.student(x_aug)[:, OUT_CHANNELS:]
         oh, ow = student_ae.shape[-2:]
         per_tile = hp.crops_per_tile
         windows = torch.stack([ae_out[i // per_tile, :, a : a + oh, b : b + ow] for i, (a, b) in enumerate(offsets)])
+        loss_ae = (teacher_aug - windows).pow(2).mean()
         loss_stae = (windows - student_ae).pow(2).mean()
         loss = loss + loss_ae + loss_stae
         self.log_dict({"loss_st": loss_st, "loss_ae": loss_ae, "loss_stae": loss_stae})
