@@ -112,8 +112,14 @@ class DistillTarget(nn.Module):
 
 def distill_teacher(backbone: nn.Module, size: str, recipe: DistillRecipe, corpus: ImageCorpus) -> dict[str, torch.Tensor]:
     """Train a padded PDN on the backbone's features; returns its state dict (used unpadded afterwards)."""
+    # The global RNG is left as it was: a slot trains the same whether its teacher came from the cache or not.
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.seed)
+        return _distill(backbone, size, recipe, corpus)
+
+
+def _distill(backbone: nn.Module, size: str, recipe: DistillRecipe, corpus: ImageCorpus) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
     student = pdn(size, OUT_CHANNELS, padded=True).to(memory_format=torch.channels_last)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
