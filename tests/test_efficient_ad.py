@@ -193,7 +193,7 @@ def data() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def trained(data, backbone, cache_dir):
-    cfg = slot_config(teacher_cache=str(cache_dir), lr=0.001)
+    cfg = slot_config(teacher_cache=str(cache_dir), lr=0.001)  # 10x the default: the test budget is 30 steps
     return cfg, train(new_slot(cfg, backbone), data["train"], steps=30)
 
 
