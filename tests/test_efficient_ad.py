@@ -296,6 +296,22 @@ def test_a_corrupt_or_wrong_teacher_file_is_a_one_line_error(tmp_path):
         load_teacher_file(str(tmp_path / "missing.pth"), "small")
 
 
+def test_a_folder_corpus_gives_crops_and_an_empty_one_is_a_one_line_error(tmp_path):
+    from PIL import Image
+
+    from tiled_hydra.models.efficient_ad.corpus import ImageCorpus
+
+    (tmp_path / "n01440764").mkdir()
+    Image.new("RGB", (90, 70), (200, 10, 10)).save(tmp_path / "n01440764" / "a.JPEG")
+    Image.new("L", (50, 80), 128).save(tmp_path / "b.png")  # grey images become three channels
+    crops = ImageCorpus(str(tmp_path)).sample(6, 64, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 64, 64) and 0 <= crops.min() and crops.max() <= 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images") as err:
+        ImageCorpus(str(tmp_path / "empty"))
+    assert "\n" not in str(err.value)
+
+
 # -- end to end -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mvtec_root(tmp_path_factory) -> Path:
