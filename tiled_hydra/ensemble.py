@@ -247,6 +247,7 @@ class SlotRunner:
             del parts
         else:
             dataset = LazyTiles(images, self.grid, self.slots[slot])
+        dataset = model.split_training_data(dataset)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=model.trainable, drop_last=False)
         callbacks = list(callbacks or [])
         kwargs = dict(self.trainer_kwargs)

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from tiled_hydra.backbone import FrozenBackbone
 from tiled_hydra.errors import ConfigError
@@ -50,6 +51,13 @@ class AnomalyModule(L.LightningModule):
 
     def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def split_training_data(self, dataset: Dataset) -> Dataset:
+        """The part of the slot's training data its training steps see (default: all of it).
+
+        A model may keep the rest for itself, e.g. normal tiles held out for calibration.
+        """
+        return dataset
 
     # -- Lightning plumbing shared by all models -----------------------------------------
     def configure_optimizers(self):

@@ -1,0 +1,3 @@
+from tiled_hydra.models.efficient_ad.lightning_model import EfficientAd
+
+__all__ = ["EfficientAd"]

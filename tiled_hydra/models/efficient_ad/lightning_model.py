@@ -1,0 +1,203 @@
+"""EfficientAD as a model slot: teacher set up at fit start, student + autoencoder trained on raw tiles.
+
+How a slot learns (CPU-feasible, same losses as the paper):
+- ``split_training_data`` holds out a seeded share of the slot's normal tiles: no gradient step
+  ever sees them; the map quantiles are fitted on them in ``on_train_end``.
+- ``on_fit_start``: teacher weights (``teacher`` file, or the cached / freshly distilled one),
+  then the teacher's channel mean/std over the slot's training tiles.
+- each step takes a batch of tiles.  Teacher and student run on random crops: the unpadded PDN
+  is fully convolutional, so a crop at an offset that is a multiple of its stride (4) yields
+  exactly a window of the whole tile's output, and every loss term on crops is the same term on
+  a sample of the output cells.  The autoencoder always sees whole (augmented) tiles; its output
+  is compared, window by window, with the teacher and the student's second half on the crops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.errors import ConfigError
+from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.efficient_ad.corpus import ImageCorpus
+from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
+from tiled_hydra.models.efficient_ad.torch_model import (
+    OUT_CHANNELS,
+    EfficientAdModel,
+    check_tile,
+    hard_feature_loss,
+    penalty_loss,
+)
+
+PDN_STRIDE = 4  # crops start on multiples of the PDN's stride so their outputs align with the tile's
+
+
+def as_pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, (int, float)) else (int(value[0]), int(value[1]))
+
+
+def color_jitter(tiles: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """The reference's autoencoder augmentation: one of brightness, contrast or saturation x U(1-s, 1+s) per tile."""
+    out = []
+    for tile in tiles:
+        factor = 1 - strength + 2 * strength * float(torch.rand((), generator=generator))
+        kind = int(torch.randint(3, (1,), generator=generator))
+        if kind == 0:
+            tile = tile * factor
+        elif kind == 1:
+            tile = (tile - tile.mean()) * factor + tile.mean()  # contrast around the mean intensity
+        else:
+            gray = tile.mean(dim=0, keepdim=True)
+            tile = (tile - gray) * factor + gray
+        out.append(tile.clamp(0, 1))
+    return torch.stack(out)
+
+
+class EfficientAd(AnomalyModule):
+    trainable = True
+    cache_embeddings = False  # learns from raw tiles: the frozen backbone only distils the teacher
+
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        layers: list[int],
+        size: str,
+        tile_size,
+        teacher: str | None,
+        penalty: bool,
+        penalty_dir: str | None,
+        distill_dir: str | None,
+        teacher_cache: str | None,
+        distill: dict,
+        crop_size: int,
+        crops_per_tile: int,
+        hard_quantile: float,
+        ae_jitter: float,
+        dropout: float,
+        quantile_holdout: float,
+        min_holdout: int,
+        map_quantiles: list[float],
+        lr: float,
+        weight_decay: float,
+        lr_drop_at: float,
+    ):
+        super().__init__(backbone)
+        self.save_hyperparameters(ignore=["backbone"])
+        height, width = as_pair(tile_size)
+        check_tile(height, width)
+        if not 0 < quantile_holdout < 1 or min_holdout < 1:
+            raise ConfigError("efficient_ad: model.net.quantile_holdout must be in (0, 1) and min_holdout >= 1")
+        if crop_size < 64:
+            raise ConfigError("efficient_ad: model.net.crop_size must be at least 64 px (the PDN's smallest input)")
+        self.model = EfficientAdModel(size, (height, width), dropout).to(memory_format=torch.channels_last)
+        self._holdout: Dataset | None = None
+        self._penalty: ImageCorpus | None = None
+        self._generator = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63)
+
+    # -- data: a held-out share of the normal tiles for the map quantiles ----------------------------
+    def split_training_data(self, dataset: Dataset) -> Dataset:
+        n = len(dataset)
+        if n < 2:
+            raise ConfigError("efficient_ad needs at least 2 training tiles per slot (one held out for the map quantiles)")
+        held = min(n - 1, max(self.hparams.min_holdout, round(self.hparams.quantile_holdout * n)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63)).tolist()
+        self._holdout = Subset(dataset, sorted(order[:held]))
+        return Subset(dataset, sorted(order[held:]))
+
+    # -- train start: teacher weights and statistics (the train loader exists from here on) ------------------------------------------------------
+    def on_train_start(self) -> None:
+        hp = self.hparams
+        if hp.teacher:
+            state = load_teacher_file(hp.teacher, hp.size)
+        else:
+            recipe = DistillRecipe(**{k: (float(v) if k in ("lr", "weight_decay") else int(v)) for k, v in dict(hp.distill).items()})
+            state = distilled_teacher(self.backbone, hp.size, recipe, hp.distill_dir, hp.teacher_cache)
+        self.model.teacher.load_state_dict(state)
+        loader = self.trainer.train_dataloader
+        self.model.fit_teacher_statistics(self._prepare(tiles[0].to(self.device)) for tiles in loader)
+        if hp.penalty:
+            self._penalty = ImageCorpus(hp.penalty_dir)
+
+    def _prepare(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.model.prepare(tiles).contiguous(memory_format=torch.channels_last)
+
+    def _crops(self, tiles: torch.Tensor, side: tuple[int, int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """``crops_per_tile`` random crops per tile, at offsets that are multiples of the PDN stride."""
+        h, w = tiles.shape[-2:]
+        crops, offsets = [], []
+        for tile in tiles:
+            for _ in range(self.hparams.crops_per_tile):
+                y = PDN_STRIDE * int(torch.randint((h - side[0]) // PDN_STRIDE + 1, (1,), generator=self._generator))
+                x = PDN_STRIDE * int(torch.randint((w - side[1]) // PDN_STRIDE + 1, (1,), generator=self._generator))
+                crops.append(tile[:, y : y + side[0], x : x + side[1]])
+                offsets.append((y // PDN_STRIDE, x // PDN_STRIDE))
+        return torch.stack(crops), offsets
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        hp, model = self.hparams, self.model
+        tiles = batch[0]
+        side = (min(hp.crop_size, tiles.shape[-2]), min(hp.crop_size, tiles.shape[-1]))
+
+        # Student vs teacher on crops of the normal tiles: only the hardest 0.1% of the features count.
+        crops, _ = self._crops(tiles, side)
+        x = self._prepare(crops)
+        loss_st = hard_feature_loss(model.teacher_features(x), model.student(x)[:, :OUT_CHANNELS], hp.hard_quantile)
+        loss = loss_st
+        if self._penalty is not None:
+            images = self._penalty.sample(len(crops), side[0], self._generator, grayscale=0.3).to(self.device)
+            if side[1] != side[0]:
+                images = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
+            loss_penalty = penalty_loss(model.student(self._prepare(images))[:, :OUT_CHANNELS])
+            loss = loss + loss_penalty
+            self.log("loss_penalty", loss_penalty)
+
+        # Autoencoder on whole augmented tiles.  Its loss against the teacher, and the student's
+        # second half against it, are taken on crop windows: the same terms as on the whole output,
+        # sampled, so the teacher and student never run on a whole tile during training.
+        augmented = color_jitter(tiles, hp.ae_jitter, self._generator)
+        ae_out = model.autoencoder(self._prepare(augmented))
+        aug_crops, offsets = self._crops(augmented, side)
+        x_aug = self._prepare(aug_crops)
+        teacher_aug = model.teacher_features(x_aug)
+        student_ae = model.student(x_aug)[:, OUT_CHANNELS:]
+        oh, ow = student_ae.shape[-2:]
+        per_tile = hp.crops_per_tile
+        windows = torch.stack([ae_out[i // per_tile, :, a : a + oh, b : b + ow] for i, (a, b) in enumerate(offsets)])
+        loss_ae = (teacher_aug - windows).pow(2).mean()
+        loss_stae = (windows - student_ae).pow(2).mean()
+        loss = loss + loss_ae + loss_stae
+        self.log_dict({"loss_st": loss_st, "loss_ae": loss_ae, "loss_stae": loss_stae})
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
+        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 70_000
+        drop = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(hp.lr_drop_at * max_steps)), gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": drop, "interval": "step"}}
+
+    # -- fit end: map quantiles on the held-out normal tiles ---------------------------------------------
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        self.model.eval()
+        maps_st, maps_ae = [], []
+        batch_size = max(1, int(self.trainer.train_dataloader.batch_size or 1))
+        for start in range(0, len(self._holdout), batch_size):
+            tiles = torch.stack([self._holdout[i][0] for i in range(start, min(start + batch_size, len(self._holdout)))])
+            map_st, map_ae = self.model.raw_maps(self._prepare(tiles.to(self.device)))
+            maps_st.append(map_st.cpu())
+            maps_ae.append(map_ae.cpu())
+        q_a, q_b = self.hparams.map_quantiles
+        self.model.fit_quantiles(torch.cat(maps_st), torch.cat(maps_ae), q_a, q_b)
+        self._holdout = None
+
+    @torch.no_grad()
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(tiles.contiguous(memory_format=torch.channels_last))
