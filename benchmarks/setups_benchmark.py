@@ -6,6 +6,7 @@ a Markdown table; memory and time are also given relative to SM256 of the same m
     python benchmarks/setups_benchmark.py --models padim --setups sm256 sm512 ens9
     python benchmarks/setups_benchmark.py --models padim patchcore fastflow reverse_distillation \
         --setups sm256 sm512 ens4 ens9
+    python benchmarks/setups_benchmark.py --models ddad --setups sm256 ens9   # paper 003's diffusion model
 """
 
 from __future__ import annotations
