@@ -263,3 +263,16 @@ def test_impossible_tile_size_ends_the_cli_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "setup.tile_size" in proc.stderr and "multiples of 4" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_model_size_selects_the_reference_widths(compose_cfg):
+    from diffusers.models.attention_processor import Attention
+
+    backbone = efficientnet([1, 2, 3])
+    for size, width, heads in (("small", 32, 2), ("base", 64, 4)):
+        cfg = ddad_cfg(compose_cfg, 64, f"model.size={size}")
+        unet = new_slot(cfg, backbone).model.unet
+        assert unet.plan.widths[-1] == 4 * width  # the two lowest levels are 4 x width
+        assert {m.heads for m in unet.modules() if isinstance(m, Attention)} == {heads}
+    with pytest.raises(ConfigError, match="model.size=huge"):
+        new_slot(ddad_cfg(compose_cfg, 64, "model.size=huge"), backbone)
