@@ -7,6 +7,7 @@ a Markdown table; memory and time are also given relative to SM256 of the same m
     python benchmarks/setups_benchmark.py --models padim patchcore fastflow reverse_distillation \
         --setups sm256 sm512 ens4 ens9
     python benchmarks/setups_benchmark.py --models efficient_ad --setups sm256 sm512 ens4 ens9
+    python benchmarks/setups_benchmark.py --models ddad --setups sm256 ens9   # paper 003's diffusion model
 
 EfficientAD distils its teacher once per backbone (cached, see docs/efficient_ad.md): the first
 run that needs it pays that one-time cost inside its train time, so warm the cache first, e.g.

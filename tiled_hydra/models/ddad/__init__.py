@@ -1,0 +1,3 @@
+from tiled_hydra.models.ddad.lightning_model import DDAD
+
+__all__ = ["DDAD"]
