@@ -1,4 +1,4 @@
-"""Train one model per slot, one slot after another, and predict tile by tile.
+"""Train one model per slot, one slot after another (prediction: :mod:`tiled_hydra.inference`).
 
 A *slot* is a model together with the tile locations it serves: a tiled ensemble has
 one slot per location, a shared-tile setup one slot for all locations (tiles stacked
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tiled_hydra import __version__
 from tiled_hydra.backbone import FrozenBackbone
 from tiled_hydra.errors import ConfigError, instantiate_checked
+from tiled_hydra.inference import check_whole_image, cut_tile_features, whole_image_features
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.tiling import TileGrid
@@ -49,7 +50,7 @@ def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:
 def config_fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that determines a slot's weights, to refuse resuming a different run."""
     keys = ("dataset", "backbone", "model", "setup", "seed")
-    content = {"version": __version__}
+    content = {"version": __version__, "features": str(cfg.get("inference", {}).get("features", "per_tile"))}
     content |= {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -114,7 +115,8 @@ class SlotRunner:
         os.replace(tmp, path)  # atomic: a checkpoint on disk is always complete
 
     def load(self, slot: int) -> AnomalyModule:
-        payload = torch.load(self.checkpoint_path(slot), map_location="cpu", weights_only=True)
+        # mmap: the slot's tensors are the file's pages (assigned, not copied into fresh buffers)
+        payload = torch.load(self.checkpoint_path(slot), map_location="cpu", weights_only=True, mmap=True)
         if payload["fingerprint"] != self.fingerprint:
             raise ConfigError(
                 f"{self.checkpoint_path(slot)} was written by a different configuration; use a new hydra.run.dir"
@@ -152,9 +154,14 @@ class SlotRunner:
     def fit_slot(self, slot: int, images: torch.Tensor) -> AnomalyModule:
         model = self.new_model(slot).to(self.device)
         batch_size = int(self.cfg.model.batch_size)
+        whole_image = str(self.cfg.get("inference", {}).get("features", "per_tile")) == "whole_image"
+        if whole_image and not (model.backbone_features and getattr(model, "cache_embeddings", True)):
+            raise ConfigError(f"model={self.cfg.model.name} does not support inference.features=whole_image; use per_tile")
         if getattr(model, "cache_embeddings", True):
             # Frozen features are computed once per tile, not once per epoch.
-            parts = [model.embed(tiles.to(self.device)) for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)]
+            parts = self.whole_image_embeddings(model, slot, images) if whole_image else [
+                model.embed(tiles.to(self.device)) for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)
+            ]
             parts = [p if isinstance(p, tuple) else (p,) for p in parts]
             dataset = TensorDataset(*(torch.cat([p[i].cpu() for p in parts]) for i in range(len(parts[0]))))
             del parts
@@ -167,33 +174,33 @@ class SlotRunner:
         trainer.fit(model, loader)
         return model.cpu().eval()
 
+    def whole_image_embeddings(self, model: AnomalyModule, slot: int, images: torch.Tensor) -> list:
+        """The slot's tile embeddings from features cut out of the backbone run once on each whole
+        image: the features inference sees with ``inference.features=whole_image``."""
+        tiles, reductions = self.slots[slot], self.backbone.reductions
+        stages = self.whole_image_stages(images)
+        per_batch = max(1, int(self.cfg.model.batch_size) // len(tiles))
+        parts = [
+            model.embed_features(cut_tile_features([s[i : i + per_batch].to(self.device) for s in stages], self.grid, tiles, reductions))
+            for i in range(0, len(images), per_batch)
+        ]
+        if slot == len(self.slots) - 1:
+            self._whole_stages = None  # the last slot: free the training images' stages
+        return parts
+
+    def whole_image_stages(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone stages of every whole training image, computed once per run and kept in host
+        memory (every slot cuts its tiles from them): ~2.7 MB per 512 px image for Lite0 [1, 2, 3]."""
+        if getattr(self, "_whole_stages", None) is None or self._whole_stages[0] is not images:
+            check_whole_image(self.grid, self.backbone)
+            self.backbone.to(self.device)
+            per_batch = max(1, int(self.cfg.model.batch_size) // self.grid.num_tiles)
+            parts = [[f.cpu() for f in whole_image_features(self.backbone, images[i : i + per_batch], self.grid, self.device)]
+                     for i in range(0, len(images), per_batch)]
+            self._whole_stages = (images, [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))])
+        return self._whole_stages[1]
+
     def release(self) -> None:
         """Give freed accelerator memory back so the next slot starts clean."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    # -- prediction ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_all(self, images: torch.Tensor, map_sum: torch.Tensor, tile_scores: torch.Tensor) -> int:
-        """Predict every tile of ``images`` slot by slot, accumulating into preallocated buffers.
-
-        map_sum (N, H, W): sum of tile maps over overlapping tiles (divide by grid.coverage()).
-        tile_scores (N, T): score of every tile.
-        Returns the peak memory of the model passes. The caller's buffers exist before the
-        measurement starts: they hold results (on CUDA they are host memory and never count),
-        and on CPU they would add 4 B per image pixel, 4x more at 512 px than at 256 px.
-        """
-        batch_size = int(self.cfg.model.batch_size)
-        with PeakMemory(self.device) as memory:
-            for slot, tiles in enumerate(self.slots):
-                model = self.load(slot).to(self.device)
-                for chunk, batch in iter_tile_batches(images, self.grid, tiles, batch_size):
-                    maps, scores = model.predict_tiles(batch.to(self.device))
-                    maps = maps.float().cpu().view(-1, len(tiles), *maps.shape[-2:])
-                    scores = scores.float().cpu().view(-1, len(tiles))
-                    for k, tile in enumerate(tiles):
-                        self.grid.add_tile(map_sum[chunk], maps[:, k], tile)
-                        tile_scores[chunk, tile] = scores[:, k]
-                del model
-                self.release()
-        return memory.bytes

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -14,17 +16,18 @@ from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.datastats import defect_share
 from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
+from tiled_hydra.inference import InferenceSettings, Prediction, check_whole_image, engine_for, slot_weight_bytes
 from tiled_hydra.latency import measure_speed
 from tiled_hydra.memory import PeakMemory
-from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
-from tiled_hydra.postprocess import cross_fit, fit_postprocessor
+from tiled_hydra.postprocess import POSTPROCESS_FILE, cross_fit, fit_postprocessor, save_postprocessor
 from tiled_hydra.report import write_overlays
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TEST_PREDICTIONS_FILE = "test_predictions.csv"
 
 
 def available(group: str) -> list[str]:
@@ -51,16 +54,24 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"no setup chosen: add +setup=NAME, NAME one of {', '.join(available('setup'))}")
 
 
-def predict_split(runner: SlotRunner, grid: TileGrid, split: Split, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Merged full-resolution maps (N, H, W), image scores (N,) and the model passes' peak memory."""
-    map_sum = torch.zeros(len(split), *grid.image_size)
-    tile_scores = torch.zeros(len(split), grid.num_tiles)
-    peak_bytes = runner.predict_all(split.images, map_sum, tile_scores)
-    maps = map_sum.div_(grid.coverage())
-    smoothing = cfg.merge.seam_smoothing
-    if smoothing.enabled:
-        maps = smooth_seams(maps, grid, sigma=float(smoothing.sigma), width_fraction=float(smoothing.width_fraction))
-    return maps, merge_scores(tile_scores, cfg.merge.score), peak_bytes
+def write_test_predictions(path: Path, split: Split, scores: torch.Tensor, pred_labels: torch.Tensor) -> None:
+    """Per test image: its file, label, raw score and predicted label (what ``predict`` reproduces)."""
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "score", "pred_label"])
+        for i in range(len(split)):
+            writer.writerow([split.paths[i] if split.paths else i, int(split.labels[i]), repr(float(scores[i])), int(pred_labels[i])])
+    os.replace(tmp, path)
+
+
+def evaluate(runner: SlotRunner, cfg: DictConfig, splits: list[Split]) -> tuple[list[Prediction], float, int]:
+    """The run's predictions of ``splits`` (validation and test together: every slot checkpoint is
+    read once), the seconds they took and the peak memory of the model passes."""
+    engine = engine_for(runner, cfg, keep=False)
+    start = time.perf_counter()
+    predictions = engine.predict(*(split.images for split in splits))
+    return predictions, time.perf_counter() - start, engine.peak_bytes
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -76,6 +87,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val) if data.val else 0, len(data.test))
 
     backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    settings = InferenceSettings.from_cfg(cfg)  # a bad inference.* value fails before training
+    if settings.features == "whole_image":
+        check_whole_image(grid, backbone)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
     runner = SlotRunner(cfg, grid, backbone, device, run_dir / "checkpoints", trainer_kwargs)
@@ -87,25 +101,34 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     train_peak = runner.train_all(data.train.images, report_slot)
     train_seconds = time.perf_counter() - start
 
-    val_maps = val_scores = None
-    if data.val is not None:
-        val_maps, val_scores, _ = predict_split(runner, grid, data.val, cfg)
-    start = time.perf_counter()
-    test_maps, test_scores, infer_peak = predict_split(runner, grid, data.test, cfg)
-    infer_seconds = time.perf_counter() - start
+    splits = [data.test] if data.val is None else [data.val, data.test]
+    predictions, infer_seconds, infer_peak = evaluate(runner, cfg, splits)
+    test_maps, test_scores = predictions[-1]
 
     speed = {}
     if cfg.speed.enabled:
-        speed = measure_speed(runner, grid, data.test.images, cfg.merge, warmup=int(cfg.speed.warmup),
+        speed_engine = engine_for(runner, cfg, keep=True)  # checkpoints read before timing
+        speed = measure_speed(speed_engine, data.test.images, warmup=int(cfg.speed.warmup),
                               repeats=int(cfg.speed.repeats), throughput_batch_size=int(cfg.speed.batch_size))
+        del speed_engine
+        runner.release()
 
     test = data.test
     if data.val is not None:
+        val_maps, val_scores = predictions[0]
         post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
+        del predictions, val_maps
         pred_labels, pred_masks = post.predict(test_scores, test_maps)
         norm_maps = post.normalize_maps(test_maps)
+        save_postprocessor(run_dir / POSTPROCESS_FILE, post, fitted_on="validation split")
     else:
+        del predictions
         pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
+        # For new images only (predict): fitted on every test image. Never used for the reported
+        # metrics, which keep the 2-fold cross-fit above (no image thresholded by itself).
+        deploy = fit_postprocessor(test_scores, test.labels, test_maps, test.masks)
+        save_postprocessor(run_dir / POSTPROCESS_FILE, deploy, fitted_on="all test images (no validation split); deployment only")
+    write_test_predictions(run_dir / TEST_PREDICTIONS_FILE, test, test_scores, pred_labels)
     metrics = compute_metrics(
         test_scores, test.labels, pred_labels,
         maps=test_maps if test.masks is not None else None, masks=test.masks,
@@ -118,7 +141,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "mem_kind": PeakMemory(device).kind,
         "train_seconds": round(train_seconds, 3),
         "infer_seconds": round(infer_seconds, 3),
-        "infer_images_per_second": round(len(test) / infer_seconds, 3),
+        "infer_images_per_second": round(sum(len(split) for split in splits) / infer_seconds, 3),  # val + test
+        "inference_mode": settings.mode,
+        "inference_features": settings.features,
+        "slot_weights_bytes": int(slot_weight_bytes(run_dir / "checkpoints")),
         **speed,
         "num_tiles": grid.num_tiles,
         "num_models": len(runner.slots),
