@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tiled_hydra import __version__
 from tiled_hydra.backbone import FrozenBackbone
 from tiled_hydra.errors import ConfigError, instantiate_checked
-from tiled_hydra.inference import check_whole_image, cut_tile_features, whole_image_features
+from tiled_hydra.inference import check_whole_image, chunk_pixels, cut_tile_features, run_backbone, whole_image_features
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.tiling import TileGrid
@@ -160,7 +160,9 @@ class SlotRunner:
         if getattr(model, "cache_embeddings", True):
             # Frozen features are computed once per tile, not once per epoch.
             parts = self.whole_image_embeddings(model, slot, images) if whole_image else [
-                model.embed(tiles.to(self.device)) for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)
+                model.embed_features(run_backbone(self.backbone, tiles.to(self.device), chunk_pixels(self.cfg)))
+                if model.backbone_features else model.embed(tiles.to(self.device))
+                for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)
             ]
             parts = [p if isinstance(p, tuple) else (p,) for p in parts]
             dataset = TensorDataset(*(torch.cat([p[i].cpu() for p in parts]) for i in range(len(parts[0]))))
@@ -195,7 +197,7 @@ class SlotRunner:
             check_whole_image(self.grid, self.backbone)
             self.backbone.to(self.device)
             per_batch = max(1, int(self.cfg.model.batch_size) // self.grid.num_tiles)
-            parts = [[f.cpu() for f in whole_image_features(self.backbone, images[i : i + per_batch], self.grid, self.device)]
+            parts = [[f.cpu() for f in whole_image_features(self.backbone, images[i : i + per_batch], self.grid, self.device, chunk_pixels(self.cfg))]
                      for i in range(0, len(images), per_batch)]
             self._whole_stages = (images, [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))])
         return self._whole_stages[1]

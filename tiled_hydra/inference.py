@@ -30,6 +30,7 @@ weights go to the device for its tiles and leave it afterwards (on CPU nothing m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -55,11 +56,16 @@ class Prediction(NamedTuple):
     scores: torch.Tensor  # float32 (N,)
 
 
+#: Pixels per backbone call when inference.backbone_chunk_pixels is not set (two 256 px tiles).
+DEFAULT_CHUNK_PIXELS = 2 * 256 * 256
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     mode: str = "sequential"
     features: str = "per_tile"
-    batch_size: int = 32  # tiles per backbone call (the model's batch_size)
+    batch_size: int = 32  # tiles per batch of a slot's head (the model's batch_size)
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS  # pixels per backbone call (see run_backbone)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,11 +74,41 @@ class InferenceSettings:
             raise ConfigError(f"inference.features={self.features!r}: choose one of {', '.join(FEATURES)}")
         if self.batch_size < 1:
             raise ConfigError(f"model.batch_size must be >= 1, got {self.batch_size}")
+        if self.chunk_pixels < 1:
+            raise ConfigError(f"inference.backbone_chunk_pixels must be >= 1, got {self.chunk_pixels}")
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "InferenceSettings":
         inference = cfg.get("inference") or {}
-        return cls(str(inference.get("mode", "sequential")), str(inference.get("features", "per_tile")), int(cfg.model.batch_size))
+        return cls(str(inference.get("mode", "sequential")), str(inference.get("features", "per_tile")), int(cfg.model.batch_size),
+                   chunk_pixels(cfg))
+
+
+def chunk_pixels(cfg: DictConfig) -> int:
+    return int((cfg.get("inference") or {}).get("backbone_chunk_pixels", DEFAULT_CHUNK_PIXELS))
+
+
+def run_backbone(backbone: FrozenBackbone, images: torch.Tensor, max_pixels: int) -> list[torch.Tensor]:
+    """The backbone's stages of a batch, computed a few images at a time (at most ``max_pixels`` per call).
+
+    Why: a convolution network's activations grow with the batch; at 32 tiles of 256 px
+    EfficientNet-Lite0's largest ones are ~200 MB. glibc serves allocations above 32 MB with a
+    fresh mmap and returns them on free, so every batch page-faulted ~3 GB of new zeroed memory
+    (half of the CPU time went to the kernel). Below that size freed memory is reused. The
+    stages are the same per image (eval mode), only float rounding of the convolutions may differ.
+    """
+    per_call = max(1, max_pixels // (images.shape[-2] * images.shape[-1]))
+    if len(images) <= per_call:
+        return backbone(images)
+    out: list[torch.Tensor] = []
+    for start in range(0, len(images), per_call):
+        stages = backbone(images[start : start + per_call])
+        if not out:
+            out = [s.new_empty(len(images), *s.shape[1:]) for s in stages]
+        for buffer, stage in zip(out, stages):
+            buffer[start : start + len(stage)] = stage
+        del stages
+    return out
 
 
 class SlotModels:
@@ -125,11 +161,12 @@ def check_whole_image(grid: TileGrid, backbone: FrozenBackbone) -> int:
     return reduction
 
 
-def whole_image_features(backbone: FrozenBackbone, images: torch.Tensor, grid: TileGrid, device: torch.device) -> list[torch.Tensor]:
+def whole_image_features(backbone: FrozenBackbone, images: torch.Tensor, grid: TileGrid, device: torch.device,
+                         max_pixels: int = DEFAULT_CHUNK_PIXELS) -> list[torch.Tensor]:
     """Backbone stages of whole uint8 images, zero-padded to the grid's padded size as tiling does."""
     (h, w), (ph, pw) = grid.image_size, grid.padded_size
     padded = F.pad(as_unit_float(images.to(device)), (0, pw - w, 0, ph - h))
-    return backbone(padded)
+    return run_backbone(backbone, padded, max_pixels)
 
 
 def cut_tile_features(features: Sequence[torch.Tensor], grid: TileGrid, tiles: Sequence[int], reductions: Sequence[int]) -> list[torch.Tensor]:
@@ -193,8 +230,12 @@ class InferenceEngine:
                         features = cut_tile_features([f[chunk].to(self.device) for f in cached[i]], self.grid, tiles, self.reductions)
                         maps, scores = model.predict_features(features, self.grid.tile_size)
                     else:
-                        batch = self.grid.tile_subset(images[chunk], tiles).flatten(0, 1)
-                        maps, scores = model.predict_tiles(as_unit_float(batch.to(self.device)))
+                        batch = as_unit_float(self.grid.tile_subset(images[chunk], tiles).flatten(0, 1).to(self.device))
+                        if model.backbone_features:
+                            features = run_backbone(self.backbone, batch, self.settings.chunk_pixels)
+                            maps, scores = model.predict_features(features, self.grid.tile_size)
+                        else:
+                            maps, scores = model.predict_tiles(batch)
                     self._accumulate(map_sums[i], tile_scores[i], chunk, tiles, maps, scores)
             self._off_device(model)
 
@@ -207,13 +248,13 @@ class InferenceEngine:
         for i, images in enumerate(splits):
             for chunk in self._chunks(len(images), self.settings.batch_size // self.grid.num_tiles):
                 if self.settings.features == "whole_image":
-                    whole = whole_image_features(self.backbone, images[chunk], self.grid, self.device)
+                    whole = whole_image_features(self.backbone, images[chunk], self.grid, self.device, self.settings.chunk_pixels)
                     features = cut_tile_features(whole, self.grid, every_tile, self.reductions)
                     del whole
                 else:
                     tiles = as_unit_float(self.grid.tile_subset(images[chunk], every_tile).flatten(0, 1).to(self.device))
                     # One backbone call for the tiles of every slot, not one call per slot.
-                    features = self.backbone(tiles) if shared else None
+                    features = run_backbone(self.backbone, tiles, self.settings.chunk_pixels) if shared else None
                 n = chunk.stop - chunk.start
                 for model, slot_tiles in zip(models, self.slots):
                     rows = (torch.arange(n).unsqueeze(1) * self.grid.num_tiles + torch.tensor(slot_tiles)).flatten()
@@ -237,7 +278,7 @@ class InferenceEngine:
     def _whole_features_host(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Whole-image stages of every image, computed once (in batches) and held in host memory."""
         per_chunk = max(1, self.settings.batch_size // self.grid.num_tiles)
-        parts = [[f.cpu() for f in whole_image_features(self.backbone, images[c], self.grid, self.device)]
+        parts = [[f.cpu() for f in whole_image_features(self.backbone, images[c], self.grid, self.device, self.settings.chunk_pixels)]
                  for c in self._chunks(len(images), per_chunk)]
         if not parts:
             return [torch.empty(0)] * len(self.reductions)
@@ -278,7 +319,7 @@ def engine_for(runner, cfg: DictConfig, keep: bool, mode: str | None = None) -> 
     (``mode`` overrides ``inference.mode``: it changes how, not what, is computed)."""
     settings = InferenceSettings.from_cfg(cfg)
     if mode is not None:
-        settings = InferenceSettings(mode, settings.features, settings.batch_size)
+        settings = dataclasses.replace(settings, mode=mode)
     models = SlotModels(runner.load, len(runner.slots), keep)
     return InferenceEngine(runner.grid, runner.slots, models, runner.backbone, cfg.merge, runner.device, settings)
 

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,6 +66,30 @@ def write_test_predictions(path: Path, split: Split, scores: torch.Tensor, pred_
     os.replace(tmp, path)
 
 
+class Stages:
+    """Wall time, CPU time and minor page faults per stage of the run, logged as one line at the end."""
+
+    def __init__(self):
+        import resource
+
+        self._resource = resource
+        self.rows: list[tuple[str, float, float, int]] = []
+        started = psutil.Process().create_time()
+        self.rows.append(("startup", time.time() - started, time.process_time(), self._faults()))
+        self._mark = (time.perf_counter(), time.process_time(), self._faults())
+
+    def _faults(self) -> int:
+        return self._resource.getrusage(self._resource.RUSAGE_SELF).ru_minflt
+
+    def done(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time(), self._faults())
+        self.rows.append((name, now[0] - self._mark[0], now[1] - self._mark[1], now[2] - self._mark[2]))
+        self._mark = now
+
+    def summary(self) -> str:
+        return "; ".join(f"{name} {wall:.1f} s (cpu {cpu:.1f} s, {faults / 1e6:.2f} M faults)" for name, wall, cpu, faults in self.rows)
+
+
 def evaluate(runner: SlotRunner, cfg: DictConfig, splits: list[Split]) -> tuple[list[Prediction], float, int]:
     """The run's predictions of ``splits`` (validation and test together: every slot checkpoint is
     read once), the seconds they took and the peak memory of the model passes."""
@@ -75,6 +100,7 @@ def evaluate(runner: SlotRunner, cfg: DictConfig, splits: list[Split]) -> tuple[
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    stages = Stages()
     check_config(cfg)
     device = resolve_device(str(cfg.trainer.accelerator))
     grid = make_grid(cfg.setup)
@@ -85,6 +111,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if len(data.train) < 2:
         raise DataError(f"{cfg.dataset.name}: need at least 2 training images, found {len(data.train)}")
     log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val) if data.val else 0, len(data.test))
+    stages.done("data")
 
     backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
     settings = InferenceSettings.from_cfg(cfg)  # a bad inference.* value fails before training
@@ -100,10 +127,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     train_peak = runner.train_all(data.train.images, report_slot)
     train_seconds = time.perf_counter() - start
+    stages.done("train")
 
     splits = [data.test] if data.val is None else [data.val, data.test]
     predictions, infer_seconds, infer_peak = evaluate(runner, cfg, splits)
     test_maps, test_scores = predictions[-1]
+    stages.done("predict")
 
     speed = {}
     if cfg.speed.enabled:
@@ -112,6 +141,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                               repeats=int(cfg.speed.repeats), throughput_batch_size=int(cfg.speed.batch_size))
         del speed_engine
         runner.release()
+        stages.done("speed")
 
     test = data.test
     if data.val is not None:
@@ -134,6 +164,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         maps=test_maps if test.masks is not None else None, masks=test.masks,
         pred_masks=pred_masks if test.masks is not None else None, fpr_limit=float(cfg.metrics.aupro_fpr_limit),
     )
+    stages.done("postprocess+metrics")
     results = {
         **metrics,
         "train_peak_mem_bytes": int(train_peak),
@@ -157,4 +188,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
+    stages.done("report")
+    log.info("stages: %s", stages.summary())
     return results
