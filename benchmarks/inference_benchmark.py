@@ -11,6 +11,10 @@ Latency: batch size 1; throughput: batch size 8 (the run's speed protocol, conf 
 Peak memory: model passes over the validation and test images (``rss`` on CPU: resident memory
 above its value when the stage started). Image AUROC and pixel AUPRO on the test split.
 Rows are appended to OUT/table.md as they finish (a partial run keeps its rows).
+
+Speed only, of trained run dirs, all in one process (ratios between setups measured together):
+
+    python benchmarks/inference_benchmark.py --measure outputs/runs/A outputs/runs/B ...
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData
@@ -55,8 +60,6 @@ def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
     """The trained slots of ``run_dir`` measured in resident mode (same protocol as the run's speed)."""
     grid = make_grid(cfg.setup)
     data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
-    from omegaconf import OmegaConf
-
     backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
     runner = SlotRunner(cfg, grid, backbone, torch.device("cpu"), run_dir / "checkpoints", {})
     engine = engine_for(runner, cfg, keep=True, mode="resident")
@@ -71,8 +74,30 @@ def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
     return speed["latency_ms"], speed["throughput_images_per_second"], peak, auroc, pro
 
 
+def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
+    """Latency, throughput and peak memory of each run dir in each mode, in this one process."""
+    from tiled_hydra.memory import PeakMemory
+    from tiled_hydra.predict import load_run
+
+    print("| run dir | setup | features | mode | latency ms | throughput img/s | infer peak MiB (test images) |\n|---|---|---|---|---|---|---|")
+    for run_dir in run_dirs:
+        for mode in ("sequential", "resident"):
+            trained = load_run(run_dir, mode, "cpu")
+            cfg = trained.cfg
+            grid = make_grid(cfg.setup)
+            data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
+            images = data.test.images
+            speed = measure_speed(trained.engine, images, warmup=4, repeats=repeats, throughput_batch_size=8)
+            trained.engine.predict(images)  # peak memory of the model passes over the test images
+            print(f"| {run_dir.name} | {cfg.setup.name} | {cfg.inference.features} | {mode} | {speed['latency_ms']:.0f} | "
+                  f"{speed['throughput_images_per_second']:.2f} | {trained.engine.peak_bytes / 2**20:.0f} |", flush=True)
+            del trained
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", nargs="+", type=Path, help="trained run dirs: speed and memory per mode only")
+    parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["padim", "patchcore"])
     parser.add_argument("--setups", nargs="+", default=["sm256", "sm512", "ens4", "ens9"])
     parser.add_argument("--features", nargs="+", default=["per_tile", "whole_image"])
@@ -80,6 +105,9 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. model.max_steps=20")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.measure:
+        measure_run_dirs(args.measure, args.repeats)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "table.md"
     if not table.exists():
@@ -94,6 +122,8 @@ def main() -> None:
                 run_dir = args.out / f"{model}_{setup}_{features}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 cfg = compose_cfg(overrides)
+                (run_dir / ".hydra").mkdir(exist_ok=True)
+                OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does: --measure and predict read it
                 start = time.perf_counter()
                 results = run(cfg, run_dir)
                 (run_dir / "results.json").write_text(json.dumps(results, indent=2))

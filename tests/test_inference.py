@@ -56,6 +56,7 @@ def trained_runner(cfg, run_dir):
     return runner, data
 
 
+@pytest.mark.slow  # 30 tiny trainings: ~2 min on one idle core
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("setup", list(TINY))
 def test_run_evaluation_equals_the_engines_batch_call(compose_cfg, mvtec_root, tmp_path, setup, model):
