@@ -245,8 +245,11 @@ class InferenceEngine:
             check_features(model, self.settings)
         shared = all(m.backbone_features for m in models)
         every_tile = list(range(self.grid.num_tiles))
+        # Each slot's head gets about batch_size tiles per call, as in sequential mode: a head
+        # called on a few tiles re-reads all its weights for them (PaDiM: 164 MB per ENS9 slot).
+        per_chunk = self.settings.batch_size // max(len(t) for t in self.slots)
         for i, images in enumerate(splits):
-            for chunk in self._chunks(len(images), self.settings.batch_size // self.grid.num_tiles):
+            for chunk in self._chunks(len(images), per_chunk):
                 if self.settings.features == "whole_image":
                     whole = whole_image_features(self.backbone, images[chunk], self.grid, self.device, self.settings.chunk_pixels)
                     features = cut_tile_features(whole, self.grid, every_tile, self.reductions)
