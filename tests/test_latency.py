@@ -1,4 +1,4 @@
-"""Latency/throughput: the timed step is the run's own inference; warm-up and repeats as configured."""
+"""Latency/throughput: the timed step is the run's own inference engine; warm-up and repeats as configured."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData
 from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.latency import TiledInference, measure_speed, timed_seconds
-from tiled_hydra.run import make_grid, predict_split
+from tiled_hydra.inference import engine_for
+from tiled_hydra.latency import measure_speed, timed_seconds
+from tiled_hydra.run import evaluate, make_grid
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,16 @@ def trained_runner(cfg, run_dir):
 def test_timed_step_equals_the_runs_inference(compose_cfg, mvtec_root, tmp_path, setup):
     cfg = compose_cfg(tiny_overrides(setup, mvtec_root))
     runner, grid, data = trained_runner(cfg, tmp_path)
-    maps, scores, _ = predict_split(runner, grid, data.test, cfg)
-    step = TiledInference([runner.load(s) for s in range(len(runner.slots))], runner.slots, grid, cfg.merge, runner.device)
+    (maps, scores), = evaluate(runner, cfg, [data.test])[0]
+    step = engine_for(runner, cfg, keep=True)
     step_maps, step_scores = step(data.test.images)
-    torch.testing.assert_close(step_maps, maps, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(step_scores, scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_maps, maps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(step_scores, scores, atol=1e-6, rtol=0)
 
-    speed = measure_speed(runner, grid, data.test.images, cfg.merge, warmup=1, repeats=3, throughput_batch_size=3)
+    calls = []
+    speed = measure_speed(lambda batch: calls.append(len(batch)) or step(batch), data.test.images, warmup=1, repeats=3, throughput_batch_size=3)
+    # latency: 1 warm-up + 3 timed steps of 1 image; throughput: ceil(1/3) + ceil(3/3) steps of 3
+    assert calls == [1, 1, 1, 1, 3, 3]
     assert set(speed) == {"latency_ms", "throughput_images_per_second", "throughput_batch_size"}
     assert speed["latency_ms"] > 0 and speed["throughput_images_per_second"] > 0 and speed["throughput_batch_size"] == 3
 
@@ -55,4 +59,4 @@ def test_warmup_is_untimed_and_batches_cycle_through_the_images():
 
 def test_bad_speed_settings_are_refused():
     with pytest.raises(ValueError, match="repeats"):
-        measure_speed(None, None, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), None, warmup=0, repeats=0, throughput_batch_size=1)
+        measure_speed(None, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), warmup=0, repeats=0, throughput_batch_size=1)

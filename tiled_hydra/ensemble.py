@@ -1,4 +1,4 @@
-"""Train one model per slot, one slot after another, and predict tile by tile.
+"""Train one model per slot, one slot after another (prediction: :mod:`tiled_hydra.inference`).
 
 A *slot* is a model together with the tile locations it serves: a tiled ensemble has
 one slot per location, a shared-tile setup one slot for all locations (tiles stacked
@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from tiled_hydra.backbone import FrozenBackbone
-from tiled_hydra.errors import DataError, instantiate_checked
+from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
+from tiled_hydra.inference import check_whole_image, chunk_pixels, cut_tile_features, run_backbone, whole_image_features
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.rundir import check_slot_records, config_fingerprint, fingerprint_of, identity, mismatch_error, temp_path, write_json_atomic  # noqa: F401
@@ -177,7 +178,8 @@ class SlotRunner:
     def load(self, slot: int) -> AnomalyModule:
         path = self.checkpoint_path(slot)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: the slot's tensors are the file's pages (assigned, not copied into fresh buffers)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise DataError(f"{path} cannot be read ({reason}); delete it to retrain that slot") from None
@@ -239,9 +241,16 @@ class SlotRunner:
     def fit_slot(self, slot: int, images: torch.Tensor, callbacks: list | None = None) -> AnomalyModule:
         model = self.new_model(slot).to(self.device)
         batch_size = int(self.cfg.model.batch_size)
+        whole_image = str(self.cfg.get("inference", {}).get("features", "per_tile")) == "whole_image"
+        if whole_image and not (model.backbone_features and getattr(model, "cache_embeddings", True)):
+            raise ConfigError(f"model={self.cfg.model.name} does not support inference.features=whole_image; use per_tile")
         if getattr(model, "cache_embeddings", True):
             # Frozen features are computed once per tile, not once per epoch.
-            parts = [model.embed(tiles.to(self.device)) for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)]
+            parts = self.whole_image_embeddings(model, slot, images) if whole_image else [
+                model.embed_features(run_backbone(self.backbone, tiles.to(self.device), chunk_pixels(self.cfg)))
+                if model.backbone_features else model.embed(tiles.to(self.device))
+                for _, tiles in iter_tile_batches(images, self.grid, self.slots[slot], batch_size)
+            ]
             parts = [p if isinstance(p, tuple) else (p,) for p in parts]
             dataset = TensorDataset(*(torch.cat([p[i].cpu() for p in parts]) for i in range(len(parts[0]))))
             del parts
@@ -262,6 +271,32 @@ class SlotRunner:
         trainer.fit(model, loader)
         return model.cpu().eval()
 
+    def whole_image_embeddings(self, model: AnomalyModule, slot: int, images: torch.Tensor) -> list:
+        """The slot's tile embeddings from features cut out of the backbone run once on each whole
+        image: the features inference sees with ``inference.features=whole_image``."""
+        tiles, reductions = self.slots[slot], self.backbone.reductions
+        stages = self.whole_image_stages(images)
+        per_batch = max(1, int(self.cfg.model.batch_size) // len(tiles))
+        parts = [
+            model.embed_features(cut_tile_features([s[i : i + per_batch].to(self.device) for s in stages], self.grid, tiles, reductions))
+            for i in range(0, len(images), per_batch)
+        ]
+        if slot == len(self.slots) - 1:
+            self._whole_stages = None  # the last slot: free the training images' stages
+        return parts
+
+    def whole_image_stages(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone stages of every whole training image, computed once per run and kept in host
+        memory (every slot cuts its tiles from them): ~2.7 MB per 512 px image for Lite0 [1, 2, 3]."""
+        if getattr(self, "_whole_stages", None) is None or self._whole_stages[0] is not images:
+            check_whole_image(self.grid, self.backbone)
+            self.backbone.to(self.device)
+            per_batch = max(1, int(self.cfg.model.batch_size) // self.grid.num_tiles)
+            parts = [[f.cpu() for f in whole_image_features(self.backbone, images[i : i + per_batch], self.grid, self.device, chunk_pixels(self.cfg))]
+                     for i in range(0, len(images), per_batch)]
+            self._whole_stages = (images, [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))])
+        return self._whole_stages[1]
+
     def release(self) -> None:
         """Give freed accelerator memory back so the next slot starts clean."""
         # A LightningModule sits in reference cycles: ``del model`` alone leaves its tensors alive
@@ -279,33 +314,6 @@ class SlotRunner:
                 freed += path.stat().st_size
                 path.unlink()
         return freed
-
-
-    # -- prediction ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_all(self, images: torch.Tensor, map_sum: torch.Tensor, tile_scores: torch.Tensor) -> int:
-        """Predict every tile of ``images`` slot by slot, accumulating into preallocated buffers.
-
-        map_sum (N, H, W): sum of tile maps over overlapping tiles (divide by grid.coverage()).
-        tile_scores (N, T): score of every tile.
-        Returns the peak memory of the model passes. The caller's buffers exist before the
-        measurement starts: they hold results (on CUDA they are host memory and never count),
-        and on CPU they would add 4 B per image pixel, 4x more at 512 px than at 256 px.
-        """
-        batch_size = int(self.cfg.model.batch_size)
-        with PeakMemory(self.device) as memory:
-            for slot, tiles in enumerate(self.slots):
-                model = self.load(slot).to(self.device)
-                for chunk, batch in iter_tile_batches(images, self.grid, tiles, batch_size):
-                    maps, scores = model.predict_tiles(batch.to(self.device))
-                    maps = maps.float().cpu().view(-1, len(tiles), *maps.shape[-2:])
-                    scores = scores.float().cpu().view(-1, len(tiles))
-                    for k, tile in enumerate(tiles):
-                        self.grid.add_tile(map_sum[chunk], maps[:, k], tile)
-                        tile_scores[chunk, tile] = scores[:, k]
-                del model
-                self.release()
-        return memory.bytes
 
 
 def file_sha256(path: Path) -> str:

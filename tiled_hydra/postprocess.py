@@ -16,11 +16,18 @@ the label counts; pass ``folds`` to hold the split fixed.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from tiled_hydra.errors import DataError
 from tiled_hydra.metrics import sort_with_tie_runs
+
+#: Written by a run next to results.json; read by ``python -m tiled_hydra.predict``.
+POSTPROCESS_FILE = "postprocess.json"
 
 
 def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -168,3 +175,21 @@ def cross_fit(
             normalized_maps[scored] = post.normalize_maps(fold_maps)
         del fold_maps, fold_masks
     return pred_labels, pred_masks, normalized_scores, normalized_maps
+
+
+def save_postprocessor(path: Path, post: Postprocessor, fitted_on: str) -> None:
+    """``post`` as JSON (atomic), with a note of the images it was fitted on."""
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"postprocessor": asdict(post), "fitted_on": fitted_on}, indent=2))
+    os.replace(tmp, path)
+
+
+def load_postprocessor(path: Path) -> tuple[Postprocessor, str]:
+    """The postprocessor saved by :func:`save_postprocessor` and what it was fitted on."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        return Postprocessor(**payload["postprocessor"]), str(payload["fitted_on"])
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: the run did not finish or was written by an older version; re-run it") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not a saved postprocessor ({type(err).__name__}: {err})") from None

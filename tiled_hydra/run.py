@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,17 +19,18 @@ from tiled_hydra.datastats import defect_share
 from tiled_hydra.ensemble import SlotRunner, summarize
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.evaluation import pixel_metrics
+from tiled_hydra.inference import InferenceSettings, Prediction, check_whole_image, engine_for, slot_weight_bytes
 from tiled_hydra.latency import measure_speed
 from tiled_hydra.memory import PeakMemory
-from tiled_hydra.merge import merge_scores, smooth_seams
 from tiled_hydra.metrics import compute_metrics
-from tiled_hydra.postprocess import cross_fit, fit_postprocessor, fold_postprocessors
+from tiled_hydra.postprocess import POSTPROCESS_FILE, cross_fit, fit_postprocessor, fold_postprocessors, save_postprocessor
 from tiled_hydra.report import write_overlays, write_region_recall_figure
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TEST_PREDICTIONS_FILE = "test_predictions.csv"
 
 
 def available(group: str) -> list[str]:
@@ -54,19 +58,52 @@ def check_config(cfg: DictConfig) -> None:
     validate(cfg)
 
 
-def predict_split(runner: SlotRunner, grid: TileGrid, split: Split, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Merged full-resolution maps (N, H, W), image scores (N,) and the model passes' peak memory."""
-    map_sum = torch.zeros(len(split), *grid.image_size)
-    tile_scores = torch.zeros(len(split), grid.num_tiles)
-    peak_bytes = runner.predict_all(split.images, map_sum, tile_scores)
-    maps = map_sum.div_(grid.coverage())
-    smoothing = cfg.merge.seam_smoothing
-    if smoothing.enabled:
-        maps = smooth_seams(maps, grid, sigma=float(smoothing.sigma), width_fraction=float(smoothing.width_fraction))
-    return maps, merge_scores(tile_scores, cfg.merge.score), peak_bytes
+def write_test_predictions(path: Path, split: Split, scores: torch.Tensor, pred_labels: torch.Tensor) -> None:
+    """Per test image: its file, label, raw score and predicted label (what ``predict`` reproduces)."""
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "score", "pred_label"])
+        for i in range(len(split)):
+            writer.writerow([split.paths[i] if split.paths else i, int(split.labels[i]), repr(float(scores[i])), int(pred_labels[i])])
+    os.replace(tmp, path)
+
+
+class Stages:
+    """Wall time, CPU time and minor page faults per stage of the run, logged as one line at the end."""
+
+    def __init__(self):
+        import resource
+
+        self._resource = resource
+        self.rows: list[tuple[str, float, float, int]] = []
+        started = psutil.Process().create_time()
+        self.rows.append(("startup", time.time() - started, time.process_time(), self._faults()))
+        self._mark = (time.perf_counter(), time.process_time(), self._faults())
+
+    def _faults(self) -> int:
+        return self._resource.getrusage(self._resource.RUSAGE_SELF).ru_minflt
+
+    def done(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time(), self._faults())
+        self.rows.append((name, now[0] - self._mark[0], now[1] - self._mark[1], now[2] - self._mark[2]))
+        self._mark = now
+
+    def summary(self) -> str:
+        return "; ".join(f"{name} {wall:.1f} s (cpu {cpu:.1f} s, {faults / 1e6:.2f} M faults)" for name, wall, cpu, faults in self.rows)
+
+
+def evaluate(runner: SlotRunner, cfg: DictConfig, splits: list[Split]) -> tuple[list[Prediction], float, int]:
+    """The run's predictions of ``splits`` (validation and test together: every slot checkpoint is
+    read once), the seconds they took and the peak memory of the model passes."""
+    engine = engine_for(runner, cfg, keep=False)
+    start = time.perf_counter()
+    predictions = engine.predict(*(split.images for split in splits))
+    return predictions, time.perf_counter() - start, engine.peak_bytes
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    stages = Stages()
     check_config(cfg)
     device = resolve_device(str(cfg.trainer.accelerator))
     grid = make_grid(cfg.setup)
@@ -77,8 +114,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if len(data.train) < 2:
         raise DataError(f"{cfg.dataset.name}: need at least 2 training images, found {len(data.train)}")
     log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val) if data.val else 0, len(data.test))
+    stages.done("data")
 
     backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    settings = InferenceSettings.from_cfg(cfg)  # a bad inference.* value fails before training
+    if settings.features == "whole_image":
+        check_whole_image(grid, backbone)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
     runner = SlotRunner(cfg, grid, backbone, device, run_dir / "checkpoints", trainer_kwargs)
@@ -87,44 +128,60 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("slot %d of %d %s", slot + 1, total, what)
 
     train = summarize(runner.train_all(data.train.images, report_slot))  # over all slots, resumed ones too
+    stages.done("train")
 
-    val_maps = val_scores = None
-    if data.val is not None:
-        val_maps, val_scores, _ = predict_split(runner, grid, data.val, cfg)
-    start = time.perf_counter()
-    test_maps, test_scores, infer_peak = predict_split(runner, grid, data.test, cfg)
-    infer_seconds = time.perf_counter() - start
+    splits = [data.test] if data.val is None else [data.val, data.test]
+    predictions, infer_seconds, infer_peak = evaluate(runner, cfg, splits)
+    test_maps, test_scores = predictions[-1]
+    stages.done("predict")
 
     speed = {}
     if cfg.speed.enabled:
-        speed = measure_speed(runner, grid, data.test.images, cfg.merge, warmup=int(cfg.speed.warmup),
+        speed_engine = engine_for(runner, cfg, keep=True)  # checkpoints read before timing
+        speed = measure_speed(speed_engine, data.test.images, warmup=int(cfg.speed.warmup),
                               repeats=int(cfg.speed.repeats), throughput_batch_size=int(cfg.speed.batch_size))
+        del speed_engine
+        runner.release()
+        stages.done("speed")
 
     test = data.test
     if data.val is not None:
+        val_maps, val_scores = predictions[0]
         post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
+        del predictions, val_maps
         pred_labels, pred_masks = post.predict(test_scores, test_maps)
         norm_maps = post.normalize_maps(test_maps)
         pixel_thresholds = torch.full((len(test),), post.pixel_threshold)
+        save_postprocessor(run_dir / POSTPROCESS_FILE, post, fitted_on="validation split")
     else:
+        del predictions
         fitted = fold_postprocessors(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
         pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks,
                                                           int(cfg.seed), fitted=fitted)
         folds, posts = fitted
         pixel_thresholds = torch.tensor([posts[int(f)].pixel_threshold for f in folds])
+        # For new images only (predict): fitted on every test image. Never used for the reported
+        # metrics, which keep the 2-fold cross-fit above (no image thresholded by itself).
+        deploy = fit_postprocessor(test_scores, test.labels, test_maps, test.masks)
+        save_postprocessor(run_dir / POSTPROCESS_FILE, deploy, fitted_on="all test images (no validation split); deployment only")
+    write_test_predictions(run_dir / TEST_PREDICTIONS_FILE, test, test_scores, pred_labels)
     metrics = compute_metrics(test_scores, test.labels, pred_labels)
     per_image: dict = {}  # per-image records for bootstrap intervals in compare (bootstrap.py)
     if test.masks is not None:  # pixel metrics at metrics.resolution (evaluation.py)
         metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics, per_image=per_image)
     save_per_image(run_dir / PER_IMAGE_FILE, test.paths or [str(i) for i in range(len(test))], test.labels,
                    test_scores, per_image)
+    stages.done("postprocess+metrics")
     results = {
         **metrics,
         **train,  # train_seconds, train_peak_mem_bytes, resumed_slots, checkpoint_bytes
         "infer_peak_mem_bytes": int(infer_peak),
         "mem_kind": PeakMemory(device).kind,
         "infer_seconds": round(infer_seconds, 3),
-        "infer_images_per_second": round(len(test) / infer_seconds, 3),
+        "infer_images_per_second": round(sum(len(split) for split in splits) / infer_seconds, 3),  # val + test
+        "inference_mode": settings.mode,
+        "inference_features": settings.features,
+        "slot_weights_bytes": int(slot_weight_bytes(run_dir / "checkpoints")),
         **speed,
         "num_tiles": grid.num_tiles,
         "num_models": len(runner.slots),
@@ -139,4 +196,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
     write_region_recall_figure(run_dir, results)
+    stages.done("report")
+    log.info("stages: %s", stages.summary())
     return results

@@ -13,6 +13,12 @@ Data flow for one slot:
 2. ``training_step(batch)``: ``batch`` is a batch of those cached embeddings.
    Memory-bank and density models collect here and finish in ``on_train_end``.
 3. ``predict_tiles(tiles)``: tiles in [0, 1] -> (anomaly maps (B, th, tw), scores (B,)).
+
+Models whose tiles reach them only through the frozen backbone set ``backbone_features``
+and split both steps at the backbone: ``embed_features(features)`` and
+``predict_features(features, output_size)``. The inference engine then runs the backbone
+once for the tiles of every slot (``inference.mode=resident``) or once on the whole image
+(``inference.features=whole_image``) and hands each slot its features.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class AnomalyModule(L.LightningModule):
 
     #: False for models that only collect statistics (no optimizer, one pass over the data).
     trainable: bool = False
+    #: True: embed(tiles) == embed_features(backbone(tiles)) and predict_tiles(tiles) ==
+    #: predict_features(backbone(tiles), tile size); the slot never sees pixels otherwise.
+    backbone_features: bool = False
 
     def __init__(self, backbone: FrozenBackbone):
         super().__init__()
@@ -44,13 +53,25 @@ class AnomalyModule(L.LightningModule):
     @torch.no_grad()
     def embed(self, tiles: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Frozen features of a batch of tiles in [0, 1]; the default is the backbone's stages."""
-        return tuple(self.backbone(tiles))
+        return self.embed_features(self.backbone(tiles))
+
+    def embed_features(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What ``embed`` makes of the backbone's stages (B, C_s, th / r_s, tw / r_s)."""
+        return tuple(features)
 
     def training_step(self, batch: Any, batch_idx: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    @torch.no_grad()
+    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.backbone_features:  # pragma: no cover - such models override predict_tiles
+            raise NotImplementedError
+        return self.predict_features(self.backbone(tiles), tuple(tiles.shape[-2:]))
+
+    @torch.no_grad()
+    def predict_features(self, features: list[torch.Tensor], output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone stages of a batch of tiles -> (maps (B, *output_size), scores (B,))."""
+        return self.model(self.embed_features(features), output_size)
 
     def split_training_data(self, dataset: Dataset) -> Dataset:
         """The part of the slot's training data its training steps see (default: all of it).
@@ -83,7 +104,8 @@ class AnomalyModule(L.LightningModule):
     def load_slot_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         state = self.unpack_state(dict(state))
         self.prepare_for_state(state)
-        result = self.load_state_dict(state, strict=False)
+        # assign: take the given tensors (e.g. memory-mapped from the checkpoint), no copy
+        result = self.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]
         if missing or result.unexpected_keys:
             raise ConfigError(
@@ -109,15 +131,15 @@ class CollectingModule(AnomalyModule):
     """
 
     trainable = False
+    backbone_features = True
 
     def __init__(self, backbone: FrozenBackbone):
         super().__init__(backbone)
         self.automatic_optimization = False
         self._collected: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self.backbone(tiles))
+    def embed_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.model.embed(features)
 
     def training_step(self, batch, batch_idx):
         self._collected.append(batch[0].detach())
@@ -125,7 +147,3 @@ class CollectingModule(AnomalyModule):
     def on_train_end(self) -> None:
         self.model.fit(torch.cat(self._collected))
         self._collected.clear()
-
-    @torch.no_grad()
-    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))

@@ -11,6 +11,7 @@ from tiled_hydra.models.fastflow.torch_model import FastflowModel
 
 class Fastflow(AnomalyModule):
     trainable = True
+    backbone_features = True
 
     def __init__(
         self,
@@ -27,9 +28,8 @@ class Fastflow(AnomalyModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.model = FastflowModel(backbone.channels, flow_steps, hidden_ratio, clamp, conv3x3_only)
 
-    @torch.no_grad()
-    def embed(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model.embed(self.backbone(tiles))
+    def embed_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self.model.embed(features)
 
     def training_step(self, batch, batch_idx):
         loss = self.model.loss(tuple(batch))
@@ -38,7 +38,3 @@ class Fastflow(AnomalyModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-    @torch.no_grad()
-    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))

@@ -46,22 +46,40 @@ class PadimModel(nn.Module):
         self.register_buffer("whitening", torch.empty(0))  # (P, D, D): inverse Cholesky factor of the covariance
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Backbone stages -> embedding (B, D, h, w) of the selected channels."""
-        return concat_stages(features).index_select(1, self.channel_index)
+        """Backbone stages -> embedding (B, D, h, w) of the selected channels.
+
+        Equal to ``concat_stages(features).index_select(1, channel_index)``, but each stage's own
+        selected channels are picked before upsampling: the unselected ones are never upsampled
+        (at 32 tiles of 256 px the full concatenation alone was ~90 MB per batch).
+        """
+        size = features[0].shape[-2:]
+        parts, offset = [], 0
+        for stage in features:
+            channels = stage.shape[1]
+            own = self.channel_index[(self.channel_index >= offset) & (self.channel_index < offset + channels)] - offset
+            picked = stage.index_select(1, own)
+            parts.append(picked if picked.shape[-2:] == size else F.interpolate(picked, size=size, mode="nearest"))
+            offset += channels
+        return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def fit(self, embeddings: torch.Tensor, patches_per_chunk: int = 1024) -> None:
+    def fit(self, embeddings: torch.Tensor, patches_per_chunk: int = 128) -> None:
         """embeddings (N, D, h, w) -> mean and regularised inverse covariance per patch.
 
         Patches are processed in chunks so the float64 working copy stays small even when
-        a shared slot sees every tile of every image.
+        a shared slot sees every tile of every image. Small chunks (128 patches x 100 x 100
+        float64 = 10 MB) stay below glibc's 32 MB mmap threshold, so each chunk reuses the
+        last one's freed memory instead of page-faulting fresh pages (1024 patches: ~2 GB of
+        new pages per slot); the results are written into preallocated outputs.
         """
         n, d = embeddings.shape[:2]
         if n < 2:
             raise ConfigError("padim needs at least 2 training tiles per model slot")
         flat = embeddings.flatten(2)  # (N, D, P)
         eye = self.epsilon * torch.eye(d, dtype=torch.float64, device=flat.device)
-        means, whitening = [], []
+        num_patches = flat.shape[-1]
+        means = torch.empty(num_patches, d, device=flat.device)
+        whitening = torch.empty(num_patches, d, d, device=flat.device)
         for start in range(0, flat.shape[-1], patches_per_chunk):
             x = flat[..., start : start + patches_per_chunk].permute(2, 0, 1).double()  # (p, N, D)
             mean = x.mean(dim=1, keepdim=True)
@@ -71,17 +89,27 @@ class PadimModel(nn.Module):
             # Mahalanobis distance; Cholesky + triangular solve is ~2x cheaper than a batched inverse.
             lower = torch.linalg.cholesky(covariance)
             identity = torch.eye(d, dtype=lower.dtype, device=lower.device).expand_as(lower)
-            means.append(mean.squeeze(1).float())
-            whitening.append(torch.linalg.solve_triangular(lower, identity, upper=False).float())
-        self.mean = torch.cat(means)
-        self.whitening = torch.cat(whitening)
+            stop = start + len(x)
+            means[start:stop] = mean.squeeze(1)
+            whitening[start:stop] = torch.linalg.solve_triangular(lower, identity, upper=False)
+        self.mean = means
+        self.whitening = whitening
 
-    def forward(self, embedding: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """embedding (B, D, h, w) -> anomaly map (B, H, W) and image score = max of the map."""
+    def forward(self, embedding: torch.Tensor, output_size: tuple[int, int], patches_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding (B, D, h, w) -> anomaly map (B, H, W) and image score = max of the map.
+
+        Patch chunks keep the (patches, B, D) temporaries small (32 tiles: 3 MB per chunk instead of
+        3 x 52 MB for all patches at once), so they reuse freed memory instead of fresh pages.
+        """
         b, _, h, w = embedding.shape
-        delta = embedding.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (P, B, D)
-        whitened = torch.einsum("pde,pbe->pbd", self.whitening, delta)
-        maps = whitened.square().sum(-1).sqrt().t().reshape(b, h, w)
+        flat = embedding.flatten(2)  # (B, D, P)
+        squared = embedding.new_empty(h * w, b)
+        for start in range(0, h * w, patches_per_chunk):
+            stop = min(start + patches_per_chunk, h * w)
+            delta = flat[:, :, start:stop].permute(2, 0, 1) - self.mean[start:stop].unsqueeze(1)  # (p, B, D)
+            whitened = torch.bmm(delta, self.whitening[start:stop].transpose(1, 2))  # row b: W_p delta_pb
+            squared[start:stop] = whitened.square_().sum(-1)
+        maps = squared.sqrt_().t().reshape(b, h, w)
         maps = gaussian_blur(upsample(maps, output_size), self.blur_sigma)
         return maps, maps.flatten(1).amax(dim=1)
 

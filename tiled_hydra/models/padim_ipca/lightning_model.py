@@ -21,6 +21,7 @@ class PadimIPCA(AnomalyModule):
     #: False: ``training_step`` receives batches of raw tiles in [0, 1] (``batch[0]``,
     #: shape (B, 3, th, tw)) and embeds them itself; nothing is cached per tile.
     cache_embeddings = False
+    backbone_features = True
 
     def __init__(
         self,
@@ -38,9 +39,8 @@ class PadimIPCA(AnomalyModule):
         self.automatic_optimization = False
         self.model = PadimIPCAModel(sum(backbone.channels), n_features, k, step, dtype, variance_rtol, blur_sigma)
 
-    @torch.no_grad()
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.model.features(self.backbone(tiles))
+    def embed_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.model.features(features)
 
     def training_step(self, batch, batch_idx):
         tiles = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -48,7 +48,3 @@ class PadimIPCA(AnomalyModule):
 
     def on_train_end(self) -> None:
         self.model.finalize()
-
-    @torch.no_grad()
-    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))

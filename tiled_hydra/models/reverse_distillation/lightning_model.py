@@ -11,6 +11,7 @@ from tiled_hydra.models.reverse_distillation.torch_model import ReverseDistillat
 
 class ReverseDistillation(AnomalyModule):
     trainable = True
+    backbone_features = True
 
     def __init__(
         self,
@@ -32,7 +33,3 @@ class ReverseDistillation(AnomalyModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-
-    @torch.no_grad()
-    def predict_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(self.embed(tiles), tuple(tiles.shape[-2:]))

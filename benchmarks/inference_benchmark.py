@@ -1,0 +1,142 @@
+"""Inference modes benchmark (issue 12): latency, throughput, peak memory and accuracy per mode.
+
+For every model x setup, the slots are trained once per feature choice (``per_tile``; and
+``whole_image`` for tiled setups: it is part of the slot fingerprint) by a normal run (which also
+measures ``sequential`` mode), then the same slots are measured in ``resident`` mode. One table:
+
+    python benchmarks/inference_benchmark.py --models padim patchcore --setups sm256 sm512 ens4 ens9 \\
+        --out outputs/inference_benchmark
+
+Latency: batch size 1; throughput: batch size 8 (the run's speed protocol, conf ``speed:``).
+Peak memory: model passes over the validation and test images (``rss`` on CPU: resident memory
+above its value when the stage started). Image AUROC and pixel AUPRO on the test split.
+Rows are appended to OUT/table.md as they finish (a partial run keeps its rows).
+
+Speed only, of trained run dirs, all in one process (ratios between setups measured together):
+
+    python benchmarks/inference_benchmark.py --measure outputs/runs/A outputs/runs/B ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from tiled_hydra.backbone import build_backbone
+from tiled_hydra.data.base import AnomalyData
+from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.errors import instantiate_checked
+from tiled_hydra.inference import engine_for
+from tiled_hydra.latency import measure_speed
+from tiled_hydra.metrics import _image_auroc, aupro
+from tiled_hydra.run import make_grid, run
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+HEADER = ("| model | setup | mode | features | latency ms | throughput img/s | infer peak MiB | slot weights MiB "
+          "| image AUROC | pixel AUPRO |\n|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def row(model, setup, mode, features, latency, throughput, peak, weights, auroc, pro) -> str:
+    mib = 2**20
+    return (f"| {model} | {setup} | {mode} | {features} | {latency:.0f} | {throughput:.2f} | {peak / mib:.0f} | "
+            f"{weights / mib:.0f} | {auroc:.3f} | {pro:.3f} |\n")
+
+
+def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
+    """The trained slots of ``run_dir`` measured in resident mode (same protocol as the run's speed)."""
+    grid = make_grid(cfg.setup)
+    data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
+    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    runner = SlotRunner(cfg, grid, backbone, torch.device("cpu"), run_dir / "checkpoints", {})
+    engine = engine_for(runner, cfg, keep=True, mode="resident")
+    splits = [data.test] if data.val is None else [data.val, data.test]
+    predictions = engine.predict(*(s.images for s in splits))
+    peak = engine.peak_bytes
+    maps, scores = predictions[-1]
+    speed = measure_speed(engine, data.test.images, warmup=int(cfg.speed.warmup), repeats=int(cfg.speed.repeats),
+                          throughput_batch_size=int(cfg.speed.batch_size))
+    auroc = _image_auroc(scores, data.test.labels)
+    pro = aupro(maps, data.test.masks) if data.test.masks is not None else math.nan
+    return speed["latency_ms"], speed["throughput_images_per_second"], peak, auroc, pro
+
+
+def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
+    """Latency, throughput and peak memory of each run dir in each mode, in this one process."""
+    from tiled_hydra.memory import PeakMemory
+    from tiled_hydra.predict import load_run
+
+    print("| run dir | setup | features | mode | latency ms | throughput img/s | infer peak MiB (test images) |\n|---|---|---|---|---|---|---|")
+    for run_dir in run_dirs:
+        for mode in ("sequential", "resident"):
+            trained = load_run(run_dir, mode, "cpu")
+            cfg = trained.cfg
+            grid = make_grid(cfg.setup)
+            data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
+            images = data.test.images
+            speed = measure_speed(trained.engine, images, warmup=4, repeats=repeats, throughput_batch_size=8)
+            trained.engine.predict(images)  # peak memory of the model passes over the test images
+            print(f"| {run_dir.name} | {cfg.setup.name} | {cfg.inference.features} | {mode} | {speed['latency_ms']:.0f} | "
+                  f"{speed['throughput_images_per_second']:.2f} | {trained.engine.peak_bytes / 2**20:.0f} |", flush=True)
+            del trained
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", nargs="+", type=Path, help="trained run dirs: speed and memory per mode only")
+    parser.add_argument("--repeats", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["padim", "patchcore"])
+    parser.add_argument("--setups", nargs="+", default=["sm256", "sm512", "ens4", "ens9"])
+    parser.add_argument("--features", nargs="+", default=["per_tile", "whole_image"])
+    parser.add_argument("--out", type=Path, default=Path("outputs/inference_benchmark"))
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. model.max_steps=20")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.measure:
+        measure_run_dirs(args.measure, args.repeats)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = args.out / "table.md"
+    if not table.exists():
+        table.write_text(HEADER)
+    for model in args.models:
+        for setup in args.setups:
+            for features in args.features:
+                if features == "whole_image" and setup in ("sm256", "sm512"):
+                    continue  # a 1x1 grid: the whole image is the tile, whole_image == per_tile
+                overrides = [f"+setup={setup}", f"model={model}", f"inference.features={features}", "logger=none",
+                             "report.overlays=0", *args.extra]
+                run_dir = args.out / f"{model}_{setup}_{features}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cfg = compose_cfg(overrides)
+                (run_dir / ".hydra").mkdir(exist_ok=True)
+                OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does: --measure and predict read it
+                start = time.perf_counter()
+                results = run(cfg, run_dir)
+                (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+                print(f"{model} {setup} {features}: run {time.perf_counter() - start:.0f} s", flush=True)
+                weights = results["slot_weights_bytes"]
+                with table.open("a") as f:
+                    f.write(row(model, setup, "sequential", features, results["latency_ms"], results["throughput_images_per_second"],
+                                results["infer_peak_mem_bytes"], weights, results["image_AUROC"], results["pixel_AUPRO"]))
+                latency, throughput, peak, auroc, pro = resident_row(cfg, run_dir, results)
+                with table.open("a") as f:
+                    f.write(row(model, setup, "resident", features, latency, throughput, peak, weights, auroc, pro))
+                print(table.read_text().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
