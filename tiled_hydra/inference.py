@@ -31,12 +31,14 @@ weights go to the device for its tiles and leave it afterwards (on CPU nothing m
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
@@ -194,6 +196,7 @@ class InferenceEngine:
             check_whole_image(grid, backbone)
         backbone.to(device)
         self.peak_bytes = 0  # peak memory of the model passes of the last predict call
+        self.progress = False  # a bar over slots while predicting (the run sets it from cfg.progress)
 
     # -- public ----------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor) -> Prediction:
@@ -221,7 +224,9 @@ class InferenceEngine:
     def _sequential(self, splits, map_sums, tile_scores) -> None:
         whole = self.settings.features == "whole_image"
         cached = [self._whole_features_host(images) for images in splits] if whole else None
-        for slot, tiles in enumerate(self.slots):
+        bar = tqdm(self.slots, desc="predict", unit="slot", disable=not self.progress or len(self.slots) == 1,
+                   file=sys.stdout, leave=False)
+        for slot, tiles in enumerate(bar):
             model = self._to_device(self.models.get(slot))
             check_features(model, self.settings)
             for i, images in enumerate(splits):

@@ -7,11 +7,23 @@ resident memory (RSS) above its value when the stage started, sampled by a threa
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 
 import psutil
 import torch
+
+
+def release_host_memory() -> None:
+    """Hand freed heap pages back to the OS, so RSS above a baseline sees a stage's fresh allocations
+    (without it a stage that re-uses memory freed by an earlier one reports ~0, e.g. after a resume)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may then under-report re-used memory
+        pass
 
 
 class PeakMemory:
@@ -37,6 +49,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        release_host_memory()
         process = psutil.Process()
         self._baseline = process.memory_info().rss
         self._peak = self._baseline

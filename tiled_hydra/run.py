@@ -16,7 +16,7 @@ from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.datastats import defect_share
-from tiled_hydra.ensemble import SlotRunner, summarize
+from tiled_hydra.ensemble import SlotRunner, show_progress, summarize
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.evaluation import pixel_metrics
 from tiled_hydra.inference import InferenceSettings, Prediction, check_whole_image, engine_for, slot_weight_bytes
@@ -97,6 +97,7 @@ def evaluate(runner: SlotRunner, cfg: DictConfig, splits: list[Split]) -> tuple[
     """The run's predictions of ``splits`` (validation and test together: every slot checkpoint is
     read once), the seconds they took and the peak memory of the model passes."""
     engine = engine_for(runner, cfg, keep=False)
+    engine.progress = show_progress(cfg.get("progress", "auto"))
     start = time.perf_counter()
     predictions = engine.predict(*(split.images for split in splits))
     return predictions, time.perf_counter() - start, engine.peak_bytes

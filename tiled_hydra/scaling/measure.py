@@ -15,7 +15,6 @@ steps with per-component times (means over the timed steps).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import time
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tiled_hydra.backbone import FrozenBackbone
 from tiled_hydra.ensemble import SlotRunner
-from tiled_hydra.memory import PeakMemory
+from tiled_hydra.memory import PeakMemory, release_host_memory
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.scaling.counting import ComponentProbe
 from tiled_hydra.tiling import TileGrid
@@ -41,15 +40,6 @@ def generated_images(n: int, size: int, seed: int) -> torch.Tensor:
     smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     image = 0.3 + 0.4 * smooth + 0.03 * torch.randn(n, 3, size, size, generator=generator)
     return image.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-
-
-def release_host_memory() -> None:
-    """Hand freed heap pages back to the OS, so RSS above a baseline sees a step's fresh allocations."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS may then under-report re-used memory
-        pass
 
 
 def single_model_cfg(cfg: DictConfig, resolution: int, train_steps: int) -> DictConfig:
