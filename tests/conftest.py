@@ -32,3 +32,12 @@ def compose_cfg():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def single_torch_thread():
+    """Module fixture body: many tiny ops on two cores shared with other jobs run far faster on one
+    OpenMP thread (two stall each other at every barrier)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.conftest import single_torch_thread
 from tests.test_models import auroc, defective_tiles, efficientnet, normal_tiles
 from tests.test_run import TINY, cli, tiny_overrides, write_mvtec
 from tiled_hydra.errors import ConfigError, instantiate_checked
@@ -26,12 +27,7 @@ TILE = 64
 TRAIN_STEPS = 60  # tests only: 50 U-Net steps + the config's 10 adaptation steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 def ddad_cfg(compose_cfg, tile, *overrides):

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.conftest import single_torch_thread
 from tests.test_models import auroc, defective_tiles, efficientnet, normal_tiles
 from tests.test_run import write_mvtec
 from tiled_hydra.errors import ConfigError
@@ -45,12 +46,7 @@ TINY64 = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 def n_params(module: torch.nn.Module) -> float:

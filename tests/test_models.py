@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.conftest import single_torch_thread
 from tests.test_run import TINY, tiny_overrides, write_mvtec
 from tiled_hydra.backbone import build_backbone
 from tiled_hydra.models.base import AnomalyModule
@@ -34,14 +35,7 @@ TEST_STEPS = {"fastflow": 30, "reverse_distillation": 30}
 TILE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Many tiny ops: on two cores shared with other jobs, two OpenMP threads stall each
-    # other at every barrier (measured ~20x slower than one thread here).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 # -- synthetic tiles ---------------------------------------------------------------------------

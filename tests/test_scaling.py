@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
+from tests.conftest import single_torch_thread
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.scaling.counting import ComponentProbe, components, head_name, state_bytes
 from tiled_hydra.scaling.fit import Quadratic, holdout_error
@@ -22,12 +23,7 @@ CONF_DIR = REPO / "conf"
 F32 = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 def compose_named(name: str, overrides: list[str]):
