@@ -37,13 +37,20 @@ def main(cfg: DictConfig) -> dict:
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     """One job in a run directory it holds the lock of."""
-    from tiled_hydra.rundir import check_results, check_slot_records, identity, save_config
+    from tiled_hydra.rundir import check_results, check_slot_records, checkpoint_dir, identity, save_config
+    from tiled_hydra.run import ensemble_stage
 
     hydra_cfg = HydraConfig.get()
+    stage, shard, num_shards = ensemble_stage(cfg)
+    shared = bool(cfg.get("ensemble", {}).get("checkpoint_dir"))
+    if hydra_cfg.mode == RunMode.MULTIRUN and num_shards > 1 and not shared:
+        raise ConfigError("ensemble.num_shards > 1 in a multirun: set ensemble.checkpoint_dir=DIR, the directory "
+                          "every shard trains its slots into (each job has its own run dir)")
+    checkpoints = checkpoint_dir(cfg, run_dir)
     # Results or slots of another configuration are refused before this job writes anything.
-    slot_identity = check_slot_records(run_dir / "checkpoints", identity(cfg))
+    slot_identity = check_slot_records(checkpoints, identity(cfg), shared=shared)
     done = check_results(run_dir, cfg, slot_identity)
-    if done is not None and cfg.get("skip_completed", False):
+    if done is not None and cfg.get("skip_completed", False) and stage != "train":
         # Re-running a sweep into the same hydra.sweep.dir skips the jobs that already finished.
         log.info("skipped: %s holds the results of this configuration (skip_completed=false runs it again)",
                  run_dir / "results.json")
@@ -53,14 +60,16 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     # Imports inside: `--help` and config errors answer without loading torch.
     from tiled_hydra.report import print_table
     from tiled_hydra.rundir import write_json_atomic
-    from tiled_hydra.run import run
+    from tiled_hydra.run import run, train_only
     from tiled_hydra.tracking import make_tracker, read_slot_records
 
+    if stage == "train":  # a shard, or training only: the slots' records are the results (logged by the evaluation)
+        return train_only(cfg, run_dir)
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     tracker = make_tracker(cfg, run_dir, group)
     try:
         results = run(cfg, run_dir)
-        tracker.log_slots(read_slot_records(run_dir / "checkpoints"))
+        tracker.log_slots(read_slot_records(checkpoints))
         tracker.log_results(results)
         tracker.log_overlays(sorted((run_dir / "overlays").glob("*.png")))
     except BaseException:
@@ -69,8 +78,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     tracker.finish()
     write_json_atomic(run_dir / "results.json", results)  # last: its presence means the run completed
     if not cfg.get("keep_checkpoints", True):
-        freed = sum(p.stat().st_size for p in (run_dir / "checkpoints").glob("slot_*.pt"))
-        for path in (run_dir / "checkpoints").glob("slot_*.pt"):
+        freed = sum(p.stat().st_size for p in checkpoints.glob("slot_*.pt"))
+        for path in checkpoints.glob("slot_*.pt"):
             path.unlink()
         log.info("keep_checkpoints=false: deleted the slot checkpoints (%.1f MiB); results, config and records stay",
                  freed / 2**20)

@@ -9,11 +9,13 @@ interrupted run resumable.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -51,6 +53,13 @@ def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:
     """Tile indices served by each slot: all tiles in one slot, or one slot per tile."""
     tiles = list(range(grid.num_tiles))
     return [tiles] if shared else [[t] for t in tiles]
+
+
+def shard_slots(num_slots: int, shard: int | None, num_shards: int) -> list[int]:
+    """The slots one shard trains: slot k belongs to shard k mod num_shards (interleaved, so slots of
+    unequal cost, e.g. border tiles, spread evenly); every slot when no shard is chosen."""
+    slots = range(num_slots)
+    return list(slots) if shard is None else [k for k in slots if k % num_shards == shard]
 
 
 def iter_tile_batches(images: torch.Tensor, grid: TileGrid, tiles: list[int], tiles_per_batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -209,34 +218,61 @@ class SlotRunner:
         return record
 
     # -- training ----------------------------------------------------------------------------
-    def train_all(self, images: torch.Tensor, on_slot: Callable[[int, int, str], None] | None = None) -> list[dict]:
-        """Fit every slot not trained yet; returns every slot's record, with ``resumed`` set for
-        the slots found on disk (their seconds and peak memory are those measured when trained)."""
+    def train_all(self, images: torch.Tensor, on_slot: Callable[[int, int, str], None] | None = None,
+                  slots: list[int] | None = None, shard: int | None = None) -> list[dict]:
+        """Fit every slot of ``slots`` (default: all) not trained yet; returns their records, with
+        ``resumed`` set for the slots found on disk (their seconds and peak memory are those measured
+        when they were trained, by this process or another shard)."""
+        slots = list(range(len(self.slots))) if slots is None else slots
         records = []
-        with tqdm(total=len(self.slots), desc="slots", unit="slot", disable=not self.progress, position=0,
+        with tqdm(total=len(slots), desc="slots", unit="slot", disable=not self.progress, position=0,
                   file=sys.stdout) as bar:  # stdout, as Lightning's step bar below it
-            for slot in range(len(self.slots)):
-                record = self.trained_record(slot)
-                if record is not None:
-                    records.append({**record, "resumed": True})
-                    if on_slot:
-                        on_slot(slot, len(self.slots), "resumed")
-                    bar.update()
-                    continue
-                losses = LossRecorder()
-                start = time.perf_counter()
-                with PeakMemory(self.device) as memory:
-                    model = self.fit_slot(slot, images, callbacks=[losses])
-                seconds = time.perf_counter() - start
-                record = self.save(slot, model, {"seconds": round(seconds, 3), "peak_mem_bytes": int(memory.bytes),
-                                                 "mem_kind": memory.kind, "losses": losses.losses})
-                del model
-                self.release()
+            for slot in slots:
+                with self.slot_lock(slot):  # another process training this slot finishes it first
+                    record = self.trained_record(slot)
+                    if record is not None:
+                        records.append({**record, "resumed": True})
+                        if on_slot:
+                            on_slot(slot, len(self.slots), "resumed")
+                        bar.update()
+                        continue
+                    record = self.train_slot(slot, images, shard)
                 records.append({**record, "resumed": False})
                 if on_slot:
                     on_slot(slot, len(self.slots), "trained")
                 bar.update()
         return records
+
+    def train_slot(self, slot: int, images: torch.Tensor, shard: int | None) -> dict:
+        losses = LossRecorder()
+        started = time.time()
+        start = time.perf_counter()
+        with PeakMemory(self.device) as memory:
+            model = self.fit_slot(slot, images, callbacks=[losses])
+        seconds = time.perf_counter() - start
+        record = self.save(slot, model, {
+            "seconds": round(seconds, 3), "peak_mem_bytes": int(memory.bytes), "mem_kind": memory.kind,
+            "losses": losses.losses,
+            # when and where: the run's wall time spans every shard's slots (summarize)
+            "started": round(started, 3), "finished": round(time.time(), 3), "shard": shard,
+            "host": socket.gethostname(), "pid": os.getpid(),
+        })
+        del model
+        self.release()
+        return record
+
+    def missing_slots(self) -> list[int]:
+        """Slots without an intact checkpoint of this configuration."""
+        return [slot for slot in range(len(self.slots)) if self.trained_record(slot) is None]
+
+    def trained_records(self) -> list[dict]:
+        """Every slot's record (all must be trained), marked resumed: this process trained none."""
+        return [{**self.trained_record(slot), "resumed": True} for slot in range(len(self.slots))]
+
+    def slot_lock(self, slot: int):
+        """An exclusive lock on checkpoints/slot_NNN.lock while a slot is checked and trained: two
+        shards (or a shard and a whole run) sharing a checkpoint directory never train one slot twice."""
+        return SlotLock(self.checkpoint_dir / f"slot_{slot:03d}.lock")
 
     def fit_slot(self, slot: int, images: torch.Tensor, callbacks: list | None = None) -> AnomalyModule:
         model = self.new_model(slot).to(self.device)
@@ -316,6 +352,34 @@ class SlotRunner:
         return freed
 
 
+class SlotLock:
+    """flock on a file next to the slot's checkpoint; waits (saying so) while another process holds it."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __enter__(self) -> "SlotLock":
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            log.info("%s: another process (pid %s) is training this slot; waiting for it",
+                     self.path.with_suffix(".pt").name, self.file.read().strip() or "?")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -325,10 +389,16 @@ def file_sha256(path: Path) -> str:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Run-level training costs from the slot records: every slot counts, resumed or not."""
+    """Run-level training costs from the slot records: every slot counts, resumed or not, whichever
+    shard trained it.  ``train_seconds`` sums the slots' own times; ``train_wall_seconds`` runs from
+    the first slot's start to the last slot's end (parallel shards: less than the sum; a resumed
+    run: includes the pause)."""
+    timed = [r for r in records if "started" in r and "finished" in r]
     return {
         "train_seconds": round(sum(r["seconds"] for r in records), 3),
+        "train_wall_seconds": round(max(r["finished"] for r in timed) - min(r["started"] for r in timed), 3) if timed else None,
         "train_peak_mem_bytes": max(int(r["peak_mem_bytes"]) for r in records),
         "resumed_slots": sum(bool(r.get("resumed")) for r in records),
         "checkpoint_bytes": sum(int(r["checkpoint_bytes"]) for r in records),
+        "train_shards": len({r.get("shard") for r in records}),
     }

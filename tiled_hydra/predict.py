@@ -42,6 +42,7 @@ from tiled_hydra.ensemble import SlotRunner
 from tiled_hydra.errors import ConfigError, DataError, TiledHydraError
 from tiled_hydra.inference import InferenceEngine, engine_for
 from tiled_hydra.postprocess import POSTPROCESS_FILE, Postprocessor, load_postprocessor
+from tiled_hydra.rundir import checkpoint_dir
 from tiled_hydra.run import make_grid, resolve_device
 
 log = logging.getLogger("tiled_hydra")
@@ -85,9 +86,9 @@ def load_run(run_dir: Path, mode: str | None, device: str | None) -> TrainedRun:
     post, fitted_on = load_postprocessor(run_dir / POSTPROCESS_FILE)
     grid = make_grid(cfg.setup)
     torch_device = resolve_device(str(device or cfg.trainer.accelerator))
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = checkpoint_dir(cfg, run_dir)  # ensemble.checkpoint_dir when its shards shared one
     if not checkpoints.is_dir():
-        raise DataError(f"{run_dir} has no checkpoints/: the run did not train any slot")
+        raise DataError(f"{run_dir}: no slot checkpoints in {checkpoints}; the run did not train any slot")
     backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
     runner = SlotRunner(cfg, grid, backbone, torch_device, checkpoints, {})
     missing = [s for s in range(len(runner.slots)) if not runner.checkpoint_path(s).is_file()]

@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -16,7 +17,7 @@ from tiled_hydra.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.datastats import defect_share
-from tiled_hydra.ensemble import SlotRunner, show_progress, summarize
+from tiled_hydra.ensemble import SlotRunner, shard_slots, show_progress, summarize
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.evaluation import pixel_metrics
 from tiled_hydra.inference import InferenceSettings, Prediction, check_whole_image, engine_for, slot_weight_bytes
@@ -25,12 +26,14 @@ from tiled_hydra.memory import PeakMemory
 from tiled_hydra.metrics import compute_metrics
 from tiled_hydra.postprocess import POSTPROCESS_FILE, cross_fit, fit_postprocessor, fold_postprocessors, save_postprocessor
 from tiled_hydra.report import write_overlays, write_region_recall_figure
+from tiled_hydra.rundir import checkpoint_dir, write_json_atomic
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TEST_PREDICTIONS_FILE = "test_predictions.csv"
+SHARD_FILE = "shard.json"  # what a training-only job (ensemble.stage=train or a shard) leaves in its run dir
 
 
 def available(group: str) -> list[str]:
@@ -103,8 +106,25 @@ def evaluate(runner: SlotRunner, cfg: DictConfig, splits: list[Split]) -> tuple[
     return predictions, time.perf_counter() - start, engine.peak_bytes
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    stages = Stages()
+@dataclass
+class Prepared:
+    grid: TileGrid
+    data: AnomalyData
+    runner: SlotRunner
+    settings: InferenceSettings
+    device: torch.device
+
+
+def ensemble_stage(cfg: DictConfig) -> tuple[str, int | None, int]:
+    """(stage, shard, num_shards) of ``ensemble.*``; a job with a shard only trains."""
+    node = cfg.get("ensemble") or {}
+    shard = node.get("shard")
+    stage = str(node.get("stage", "all"))
+    return ("train" if shard is not None else stage), (None if shard is None else int(shard)), int(node.get("num_shards", 1))
+
+
+def prepare(cfg: DictConfig, run_dir: Path, stages: "Stages") -> Prepared:
+    """Data, backbone and the slot runner over the run's checkpoint directory."""
     check_config(cfg)
     device = resolve_device(str(cfg.trainer.accelerator))
     grid = make_grid(cfg.setup)
@@ -123,12 +143,75 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_whole_image(grid, backbone)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
-    runner = SlotRunner(cfg, grid, backbone, device, run_dir / "checkpoints", trainer_kwargs)
+    runner = SlotRunner(cfg, grid, backbone, device, checkpoint_dir(cfg, run_dir), trainer_kwargs)
+    return Prepared(grid, data, runner, settings, device)
 
-    def report_slot(slot: int, total: int, what: str) -> None:
-        log.info("slot %d of %d %s", slot + 1, total, what)
 
-    train = summarize(runner.train_all(data.train.images, report_slot))  # over all slots, resumed ones too
+def report_slot(slot: int, total: int, what: str) -> None:
+    log.info("slot %d of %d %s", slot + 1, total, what)
+
+
+def train_command(cfg: DictConfig) -> str:
+    """The command line of this job, as a training-only job (for the missing-slots error)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ensemble.stage=", "ensemble.shard="))]
+    except ValueError:  # not inside a Hydra job (tests composing the config)
+        overrides = [f"+setup={cfg.setup.name}", f"model={cfg.model.name}", "..."]
+    return " ".join(["python -m tiled_hydra", *overrides, "ensemble.stage=train"])
+
+
+def require_trained(runner: SlotRunner, cfg: DictConfig) -> list[dict]:
+    """Every slot's record, or one ConfigError line naming the missing slots and how to train them."""
+    missing = runner.missing_slots()
+    if missing:
+        shown = ", ".join(str(s) for s in missing[:12]) + (", ..." if len(missing) > 12 else "")
+        raise ConfigError(f"ensemble.stage=evaluate: slots {shown} ({len(missing)} of {len(runner.slots)}) are not trained "
+                          f"in {runner.checkpoint_dir}; train them first: {train_command(cfg)}")
+    return runner.trained_records()
+
+
+def train_only(cfg: DictConfig, run_dir: Path) -> dict:
+    """ensemble.stage=train or ensemble.shard=K: train (this shard's) missing slots into the
+    checkpoint directory and stop; RUN_DIR/shard.json says what was done and what is missing."""
+    stages = Stages()
+    _, shard, num_shards = ensemble_stage(cfg)
+    prep = prepare(cfg, run_dir, stages)
+    runner = prep.runner
+    slots = shard_slots(len(runner.slots), shard, num_shards)
+    what = f"shard {shard} of {num_shards}" if shard is not None else "all shards"
+    log.info("%s: slots %s of %d, checkpoints in %s", what, slots, len(runner.slots), runner.checkpoint_dir)
+    records = runner.train_all(prep.data.train.images, report_slot, slots=slots, shard=shard)
+    stages.done("train")
+    missing = runner.missing_slots()
+    summary = {
+        **summarize(records),
+        "stage": "train", "shard": shard, "num_shards": num_shards, "slots": slots,
+        "checkpoint_dir": str(runner.checkpoint_dir), "missing_slots": missing,
+        "fingerprint": runner.fingerprint, "setup": str(cfg.setup.name), "model": str(cfg.model.name),
+    }
+    write_json_atomic(run_dir / SHARD_FILE, summary)
+    if missing:
+        log.info("%d of %d slots still missing (other shards); once trained, evaluate with ensemble.stage=evaluate",
+                 len(missing), len(runner.slots))
+    else:
+        log.info("every slot is trained; evaluate with: %s", train_command(cfg).replace("ensemble.stage=train", "ensemble.stage=evaluate"))
+    log.info("stages: %s", stages.summary())
+    return summary
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """ensemble.stage=all (train what is missing, then evaluate) or evaluate (every slot trained)."""
+    stages = Stages()
+    stage, _, _ = ensemble_stage(cfg)
+    prep = prepare(cfg, run_dir, stages)
+    grid, data, runner, settings, device = prep.grid, prep.data, prep.runner, prep.settings, prep.device
+    if stage == "evaluate":
+        records = require_trained(runner, cfg)
+    else:
+        records = runner.train_all(data.train.images, report_slot)  # over all slots, resumed ones too
+    train = summarize(records)
     stages.done("train")
 
     splits = [data.test] if data.val is None else [data.val, data.test]
@@ -182,7 +265,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "infer_images_per_second": round(sum(len(split) for split in splits) / infer_seconds, 3),  # val + test
         "inference_mode": settings.mode,
         "inference_features": settings.features,
-        "slot_weights_bytes": int(slot_weight_bytes(run_dir / "checkpoints")),
+        "slot_weights_bytes": int(slot_weight_bytes(runner.checkpoint_dir)),
         **speed,
         "num_tiles": grid.num_tiles,
         "num_models": len(runner.slots),

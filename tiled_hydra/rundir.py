@@ -76,9 +76,19 @@ def differing_keys(old: dict, new: dict) -> str:
     return ", ".join(shown) + more if keys else "the code version"
 
 
-def mismatch_error(what: Path, run_dir: Path, old_identity: dict | None, new_identity: dict) -> ConfigError:
+def mismatch_error(what: Path, run_dir: Path, old_identity: dict | None, new_identity: dict,
+                   shared_dir: Path | None = None) -> ConfigError:
     differs = differing_keys(old_identity, new_identity) if old_identity else "unknown settings (written by an older version)"
-    return ConfigError(f"{what} belongs to another configuration ({differs}); use a new hydra.run.dir or delete {run_dir}")
+    fix = (f"use another ensemble.checkpoint_dir or delete {shared_dir}" if shared_dir
+           else f"use a new hydra.run.dir or delete {run_dir}")
+    return ConfigError(f"{what} belongs to another configuration ({differs}); {fix}")
+
+
+# -- where the slots live -------------------------------------------------------------------------
+def checkpoint_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """ensemble.checkpoint_dir (shared by the shards of one run, absolute), else RUN_DIR/checkpoints."""
+    shared = OmegaConf.select(cfg, "ensemble.checkpoint_dir")
+    return Path(str(shared)).expanduser().resolve() if shared else Path(run_dir) / "checkpoints"
 
 
 # -- atomic files ---------------------------------------------------------------------------------
@@ -147,17 +157,19 @@ class RunDirLock:
 
 
 # -- what a finished run left ---------------------------------------------------------------------
-def check_slot_records(checkpoint_dir: Path, ident: dict) -> dict | None:
+def check_slot_records(checkpoint_dir: Path, ident: dict, shared: bool = False) -> dict | None:
     """Refuse slot records and checkpoints of another configuration; return the identity the
-    directory's slots were trained with (None when it has none)."""
+    directory's slots were trained with (None when it has none).  ``shared``: an
+    ensemble.checkpoint_dir, named as such in the error."""
     fingerprint, found = fingerprint_of(ident), None
+    shared_dir = Path(checkpoint_dir) if shared else None
     for path in sorted(Path(checkpoint_dir).glob("slot_*.json")):
         try:
             record = json.loads(path.read_text())
         except ValueError:
             continue  # damaged record: that slot is trained again
         if record.get("fingerprint") != fingerprint:
-            raise mismatch_error(path, checkpoint_dir.parent, record.get("identity"), ident)
+            raise mismatch_error(path, checkpoint_dir.parent, record.get("identity"), ident, shared_dir)
         found = record.get("identity")
     for path in sorted(Path(checkpoint_dir).glob("slot_*.pt")):
         if path.with_suffix(".json").exists():
@@ -170,26 +182,29 @@ def check_slot_records(checkpoint_dir: Path, ident: dict) -> dict | None:
         except Exception:
             continue  # damaged: that slot is trained again
         if other != fingerprint:
-            raise mismatch_error(path, checkpoint_dir.parent, None, ident)
+            raise mismatch_error(path, checkpoint_dir.parent, None, ident, shared_dir)
     return found
 
 
 def check_results(run_dir: Path, cfg: DictConfig, slot_identity: dict | None) -> dict | None:
     """The results of a finished run of this very configuration, or None when there are none.
 
-    Results of another configuration are refused (ConfigError), never returned or overwritten.
+    Results (results.json, or a training-only job's shard.json) of another configuration are
+    refused (ConfigError), never returned or overwritten.
     """
-    done = run_dir / "results.json"
-    if not done.exists():
-        return None
-    try:
-        results = json.loads(done.read_text())
-    except ValueError:
-        raise ConfigError(f"{done} is damaged (not JSON); delete it to run again") from None
     new = identity(cfg)
-    if results.get("fingerprint") != fingerprint_of(new):
-        raise mismatch_error(done, run_dir, slot_identity, new)
-    return results
+    found = {}
+    for name in ("results.json", "shard.json"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            found[name] = json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path} is damaged (not JSON); delete it to run again") from None
+        if found[name].get("fingerprint") != fingerprint_of(new):
+            raise mismatch_error(path, run_dir, slot_identity, new)
+    return found.get("results.json")
 
 
 def save_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:

@@ -26,6 +26,7 @@ MERGE_SCORES = ("mean", "max")
 LOGGER_BACKENDS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 PROGRESS = (True, False, "auto")
+ENSEMBLE_STAGES = ("all", "train", "evaluate")
 
 
 def group_options(group: str) -> list[str]:
@@ -192,6 +193,22 @@ def check_metrics(cfg: DictConfig) -> None:
                           "e.g. [0.0001, 0.001, 0.01]")
 
 
+def check_ensemble(cfg: DictConfig) -> None:
+    if _get(cfg, "ensemble") is None:
+        return
+    check_int(cfg, "ensemble.num_shards", 1)
+    check_choice(cfg, "ensemble.stage", ENSEMBLE_STAGES)
+    shard, num_shards, stage = _get(cfg, "ensemble.shard"), _get(cfg, "ensemble.num_shards"), _get(cfg, "ensemble.stage")
+    if shard is not None and (not _is_int(shard) or not 0 <= shard < num_shards):
+        raise ConfigError(f"ensemble.shard={_show(shard)}: expected null or an integer in [0, {num_shards}) "
+                          f"(ensemble.num_shards={num_shards})")
+    if shard is not None and stage == "evaluate":
+        raise ConfigError("ensemble.shard with ensemble.stage=evaluate: a shard only trains; evaluate without ensemble.shard")
+    directory = _get(cfg, "ensemble.checkpoint_dir")
+    if directory is not None and (not isinstance(directory, str) or not directory.strip()):
+        raise ConfigError(f"ensemble.checkpoint_dir={_show(directory)}: expected a directory path or null")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError line for the first problem; return quietly when the config is usable."""
     if _get(cfg, "setup") is None:
@@ -218,6 +235,7 @@ def validate(cfg: DictConfig) -> None:
             check_bool(cfg, key)
     if _get(cfg, "progress") is not None:
         check_choice(cfg, "progress", PROGRESS)
+    check_ensemble(cfg)
     check_choice(cfg, "logger.backend", LOGGER_BACKENDS)
     if cfg.logger.backend == "wandb":
         check_choice(cfg, "logger.mode", LOGGER_MODES)

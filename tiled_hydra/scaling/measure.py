@@ -15,7 +15,6 @@ steps with per-component times (means over the timed steps).
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 

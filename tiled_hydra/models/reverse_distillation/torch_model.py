@@ -10,7 +10,6 @@ any tile size work (sizes that do not halve exactly are matched by interpolation
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
