@@ -118,9 +118,9 @@ def test_whole_image_trains_and_predicts_with_the_same_features(compose_cfg, mvt
     results = run(cfg, tmp_path / "whole")
     assert results["inference_features"] == "whole_image" and 0 <= results["pixel_AUPRO"] <= 1
     per_tile = compose_cfg(overrides("ens9", "padim", mvtec_root))
-    from tiled_hydra.ensemble import config_fingerprint
+    from tiled_hydra.rundir import slot_fingerprint
 
-    assert config_fingerprint(cfg) != config_fingerprint(per_tile)  # a per_tile slot is never resumed as whole_image
+    assert slot_fingerprint(cfg) != slot_fingerprint(per_tile)  # a per_tile slot is never resumed as whole_image
 
 
 def test_bad_inference_settings_are_one_line_config_errors(compose_cfg, mvtec_root, tmp_path):

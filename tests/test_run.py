@@ -118,10 +118,11 @@ def test_resume_refuses_checkpoints_of_another_config(compose_cfg, mvtec_root, t
     run(compose_cfg(tiny_overrides("sm256", mvtec_root)), tmp_path)
     other = compose_cfg(tiny_overrides("sm256", mvtec_root) + ["model.net.n_features=50"])
     # A different configuration must retrain rather than silently reuse the slot.
-    from tiled_hydra.ensemble import config_fingerprint
+    from tiled_hydra.rundir import slot_fingerprint
 
     payload_fp = __import__("torch").load(tmp_path / "checkpoints" / "slot_000.pt", weights_only=True)["fingerprint"]
-    assert payload_fp != config_fingerprint(other)
+    assert payload_fp == slot_fingerprint(compose_cfg(tiny_overrides("sm256", mvtec_root)))
+    assert payload_fp != slot_fingerprint(other)
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 from tests.test_run import REPO, tiny_overrides, write_mvtec
 from tiled_hydra.errors import ConfigError, DataError
-from tiled_hydra.rundir import config_fingerprint, differing_keys, identity, temp_path
+from tiled_hydra.rundir import config_fingerprint, differing_keys, identity, slot_fingerprint, temp_path
 from tiled_hydra.run import run
 from tiled_hydra.validate import validate
 from tiled_hydra.wandb_offline import read_offline_run
@@ -61,6 +61,18 @@ def test_fingerprint_covers_weight_settings_only(compose_cfg, mvtec_root):
         assert config_fingerprint(compose_cfg(base + [neutral])) == reference, neutral
     old, new = identity(compose_cfg(base)), identity(compose_cfg(base + ["model=patchcore"]))
     assert "model.name padim -> patchcore" in differing_keys(old, new)
+
+
+def test_slot_fingerprint_leaves_out_what_only_the_evaluation_reads(compose_cfg, mvtec_root):
+    base = tiny_overrides("sm256", mvtec_root)
+    reference = compose_cfg(base)
+    for evaluation_only in ("metrics.resolution=setup", "merge=max", "speed.repeats=3", "inference.mode=resident"):
+        other = compose_cfg(base + [evaluation_only])
+        assert slot_fingerprint(other) == slot_fingerprint(reference), evaluation_only  # the slots are reused ...
+        if evaluation_only != "inference.mode=resident":  # (how, not what, is computed)
+            assert config_fingerprint(other) != config_fingerprint(reference), evaluation_only  # ... the results are not
+    for weights in ("model.net.n_features=50", "seed=1", "inference.features=whole_image", "dataset.category=other"):
+        assert slot_fingerprint(compose_cfg(base + [weights])) != slot_fingerprint(reference), weights
 
 
 @pytest.mark.slow

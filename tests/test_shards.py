@@ -123,6 +123,14 @@ def test_two_joblib_shards_equal_the_sequential_run(mvtec_root, tmp_path):
     last = max(r["finished"] for r in slots.values())
     assert parallel["train_wall_seconds"] == pytest.approx(last - first, abs=1e-2)
 
+    # Other evaluation settings reuse the trained slots in a new run dir, never in the same one.
+    again = [*tiny(mvtec_root), "metrics.resolution=setup", f"ensemble.checkpoint_dir={shared}", "ensemble.stage=evaluate"]
+    assert_one_line(python_m([*again, f"hydra.run.dir={evaluated}"]), "belongs to another configuration (metrics.resolution")
+    ok(python_m([*again, f"hydra.run.dir={tmp_path / 'evaluate_setup_resolution'}"]))
+    other = results(tmp_path / "evaluate_setup_resolution")
+    assert other["slot_fingerprint"] == parallel["slot_fingerprint"] and other["fingerprint"] != parallel["fingerprint"]
+    assert other["resumed_slots"] == 4
+
 
 @pytest.mark.slow
 def test_evaluation_refuses_missing_slots_and_a_killed_shard_resumes(mvtec_root, tmp_path):

@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> dict:
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     """One job in a run directory it holds the lock of."""
-    from tiled_hydra.rundir import check_results, check_slot_records, checkpoint_dir, identity, save_config
+    from tiled_hydra.rundir import check_results, check_slot_records, checkpoint_dir, save_config, slot_identity
     from tiled_hydra.run import ensemble_stage
 
     hydra_cfg = HydraConfig.get()
@@ -48,8 +48,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
                           "every shard trains its slots into (each job has its own run dir)")
     checkpoints = checkpoint_dir(cfg, run_dir)
     # Results or slots of another configuration are refused before this job writes anything.
-    slot_identity = check_slot_records(checkpoints, identity(cfg), shared=shared)
-    done = check_results(run_dir, cfg, slot_identity)
+    check_slot_records(checkpoints, slot_identity(cfg), shared=shared)
+    done = check_results(run_dir, cfg)
     if done is not None and cfg.get("skip_completed", False) and stage != "train":
         # Re-running a sweep into the same hydra.sweep.dir skips the jobs that already finished.
         log.info("skipped: %s holds the results of this configuration (skip_completed=false runs it again)",

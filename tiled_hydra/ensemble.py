@@ -35,7 +35,7 @@ from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.inference import check_whole_image, chunk_pixels, cut_tile_features, run_backbone, whole_image_features
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
-from tiled_hydra.rundir import check_slot_records, config_fingerprint, fingerprint_of, identity, mismatch_error, temp_path, write_json_atomic  # noqa: F401
+from tiled_hydra.rundir import check_slot_records, fingerprint_of, mismatch_error, slot_identity, temp_path, write_json_atomic
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class SlotRunner:
 
     def __post_init__(self) -> None:
         self.slots = slot_tiles(self.grid, bool(self.cfg.setup.shared))
-        self.identity = identity(self.cfg)
+        self.identity = slot_identity(self.cfg)  # of the weights: merge, metrics and speed settings may differ
         self.fingerprint = fingerprint_of(self.identity)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.progress = show_progress(self.cfg.get("progress", "auto"))

@@ -31,6 +31,7 @@ weights go to the device for its tiles and leave it afterwards (on CPU nothing m
 from __future__ import annotations
 
 import dataclasses
+import gc
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -243,6 +244,11 @@ class InferenceEngine:
                             maps, scores = model.predict_tiles(batch)
                     self._accumulate(map_sums[i], tile_scores[i], chunk, tiles, maps, scores)
             self._off_device(model)
+            del model
+            if not self.models.keep:
+                # A LightningModule sits in reference cycles: without a collection its memory-mapped
+                # weights stay mapped (and resident) beside the next slot's, and the peak grows with the slots.
+                gc.collect()
 
     def _resident(self, splits, map_sums, tile_scores) -> None:
         models = [self._to_device(self.models.get(slot)) for slot in range(len(self.slots))]

@@ -26,7 +26,7 @@ from tiled_hydra.memory import PeakMemory
 from tiled_hydra.metrics import compute_metrics
 from tiled_hydra.postprocess import POSTPROCESS_FILE, cross_fit, fit_postprocessor, fold_postprocessors, save_postprocessor
 from tiled_hydra.report import write_overlays, write_region_recall_figure
-from tiled_hydra.rundir import checkpoint_dir, write_json_atomic
+from tiled_hydra.rundir import checkpoint_dir, config_fingerprint, write_json_atomic
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
@@ -189,7 +189,8 @@ def train_only(cfg: DictConfig, run_dir: Path) -> dict:
         **summarize(records),
         "stage": "train", "shard": shard, "num_shards": num_shards, "slots": slots,
         "checkpoint_dir": str(runner.checkpoint_dir), "missing_slots": missing,
-        "fingerprint": runner.fingerprint, "setup": str(cfg.setup.name), "model": str(cfg.model.name),
+        "fingerprint": config_fingerprint(cfg), "slot_fingerprint": runner.fingerprint,
+        "setup": str(cfg.setup.name), "model": str(cfg.model.name),
     }
     write_json_atomic(run_dir / SHARD_FILE, summary)
     if missing:
@@ -275,7 +276,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "dataset": str(cfg.dataset.name),
         "category": str(cfg.dataset.category),
         "seed": int(cfg.seed),
-        "fingerprint": runner.fingerprint,  # of every setting that changes the weights (tiled_hydra.rundir)
+        "fingerprint": config_fingerprint(cfg),  # of every setting that changes a result (tiled_hydra.rundir)
+        "slot_fingerprint": runner.fingerprint,  # of every setting that changes the slots' weights
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
     write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))

@@ -21,8 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from tiled_hydra import __version__
 from tiled_hydra.errors import ConfigError
 
-# Config sections that determine a slot's weights, the predictions or the reported numbers.
+# Config sections that determine a slot's weights, the predictions or the reported numbers
+# (the run's fingerprint, in results.json) ...
 IDENTITY_SECTIONS = ("dataset", "backbone", "model", "setup", "seed", "trainer", "inference", "merge", "metrics", "speed")
+# ... and those that determine a slot's weights (the slots' fingerprint, in checkpoints and slot
+# records): trained slots are reused by an evaluation with other merge, metrics or speed settings
+# (ensemble.stage=evaluate in a new run dir, ensemble.checkpoint_dir shared).
+SLOT_SECTIONS = ("dataset", "backbone", "model", "setup", "seed", "trainer", "inference")
 # Keys of those sections that change no reported number (sweeps re-run with speed.enabled=false
 # find their finished jobs again, see conf/sweep/_job_dirs.yaml).
 NEUTRAL_KEYS = {"speed.enabled"}
@@ -43,10 +48,10 @@ def flatten(value, prefix: str) -> dict:
     return {prefix: value}
 
 
-def identity(cfg: DictConfig) -> dict:
-    """{dotted key: value} of every setting the fingerprint covers (resolved)."""
+def identity(cfg: DictConfig, sections: tuple[str, ...] = IDENTITY_SECTIONS) -> dict:
+    """{dotted key: value} of every setting the run's fingerprint covers (resolved)."""
     out = {"version": __version__}
-    for section in IDENTITY_SECTIONS:
+    for section in sections:
         node = cfg.get(section)
         if node is None:
             continue
@@ -59,13 +64,23 @@ def identity(cfg: DictConfig) -> dict:
     return {k: v for k, v in out.items() if k not in NEUTRAL_KEYS}
 
 
+def slot_identity(cfg: DictConfig) -> dict:
+    """{dotted key: value} of every setting that changes a slot's weights."""
+    return identity(cfg, SLOT_SECTIONS)
+
+
 def fingerprint_of(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that determines a slot's weights, to refuse mixing two runs."""
+    """Hash of everything that determines the run's results, to refuse mixing two runs."""
     return fingerprint_of(identity(cfg))
+
+
+def slot_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that determines a slot's weights, to refuse mixing slots of two configurations."""
+    return fingerprint_of(slot_identity(cfg))
 
 
 def differing_keys(old: dict, new: dict) -> str:
@@ -186,11 +201,12 @@ def check_slot_records(checkpoint_dir: Path, ident: dict, shared: bool = False) 
     return found
 
 
-def check_results(run_dir: Path, cfg: DictConfig, slot_identity: dict | None) -> dict | None:
+def check_results(run_dir: Path, cfg: DictConfig) -> dict | None:
     """The results of a finished run of this very configuration, or None when there are none.
 
     Results (results.json, or a training-only job's shard.json) of another configuration are
-    refused (ConfigError), never returned or overwritten.
+    refused (ConfigError), never returned or overwritten; the keys that differ are read from
+    the run dir's .hydra/config.yaml.
     """
     new = identity(cfg)
     found = {}
@@ -203,8 +219,16 @@ def check_results(run_dir: Path, cfg: DictConfig, slot_identity: dict | None) ->
         except ValueError:
             raise ConfigError(f"{path} is damaged (not JSON); delete it to run again") from None
         if found[name].get("fingerprint") != fingerprint_of(new):
-            raise mismatch_error(path, run_dir, slot_identity, new)
+            raise mismatch_error(path, run_dir, saved_identity(run_dir), new)
     return found.get("results.json")
+
+
+def saved_identity(run_dir: Path) -> dict | None:
+    """The identity of the configuration saved in RUN_DIR/.hydra/config.yaml, if readable."""
+    try:
+        return identity(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"))
+    except Exception:
+        return None
 
 
 def save_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
