@@ -114,6 +114,23 @@ def test_a_crop_at_a_stride_multiple_is_exactly_a_window_of_the_whole_output():
     assert torch.allclose(crop, whole[:, :, 3 : 3 + 8, 8 : 8 + 8], atol=1e-5)
 
 
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_student_half_is_the_slice_of_the_full_student_gradients_included(size):
+    # Training computes only the half of the student's last convolution each loss uses; the
+    # values and the gradients must be those of slicing the full output.
+    torch.manual_seed(0)
+    model = EfficientAdModel(size, (64, 64))
+    x = torch.rand(2, 3, 64, 64)
+    for half in (0, 1):
+        full = model.student(x)[:, half * 384 : (half + 1) * 384]
+        grads_full = torch.autograd.grad(full.pow(2).mean(), list(model.student.parameters()))
+        part = model.student_half(x, half)
+        grads_part = torch.autograd.grad(part.pow(2).mean(), list(model.student.parameters()))
+        assert part.shape == full.shape and torch.allclose(part, full, atol=1e-5)
+        for a, b in zip(grads_full, grads_part):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 # -- the loss maths by hand --------------------------------------------------------------------------
 def test_hard_feature_loss_by_hand():
     # Squared differences 0, 1, 4, ..., 81. The 0.8 quantile (linear) sits at position 0.8 * 9 = 7.2:
