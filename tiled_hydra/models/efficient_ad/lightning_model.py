@@ -77,6 +77,7 @@ class EfficientAd(AnomalyModule):
         hard_quantile: float,
         ae_jitter: float,
         ae_loss_area: str,
+        penalty_images: int | None,
         dropout: float,
         quantile_holdout: float,
         min_holdout: int,
@@ -151,7 +152,7 @@ class EfficientAd(AnomalyModule):
         loss_st = hard_feature_loss(model.teacher_features(x), model.student_half(x, 0), hp.hard_quantile)
         loss = loss_st
         if self._penalty is not None:
-            images = self._penalty.sample(len(crops), side[0], self._generator, grayscale=0.3).to(self.device)
+            images = self._penalty.sample(hp.penalty_images or len(crops), side[0], self._generator, grayscale=0.3).to(self.device)
             if side[1] != side[0]:
                 images = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
             loss_penalty = penalty_loss(model.student_half(self._prepare(images), 0))
