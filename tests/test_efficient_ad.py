@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.conftest import single_torch_thread
 from tests.test_models import auroc, defective_tiles, efficientnet, normal_tiles
 from tests.test_run import write_mvtec
-from tiled_hydra.errors import ConfigError
+from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.models.efficient_ad import teacher as teacher_module
 from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
 from tiled_hydra.models.efficient_ad.torch_model import (
@@ -261,6 +261,26 @@ def test_the_log_carries_every_loss_term(trained):
     metrics = model.trainer.callback_metrics
     for key in ("loss_st", "loss_ae", "loss_stae", "loss_penalty", "train_loss"):
         assert torch.isfinite(metrics[key]), key
+
+
+def test_autoencoder_loss_on_the_whole_tile_equals_the_crop_windows_when_the_crop_is_the_tile(data, backbone, cache_dir):
+    # With the crop capped at the tile size (128 px asked, 64 px tiles) the one crop window is the
+    # whole output, so ae_loss_area=tile (teacher on the whole tile) and crops (teacher on the crop)
+    # must compute the same term on the same random draws.
+    # Distil (or load) the cached teacher first: a distillation inside the first run would draw from
+    # the global random state and the two runs would not see the same draws.
+    recipe = slot_config().net.distill
+    distilled_teacher(backbone, "small", DistillRecipe(**{k: (float(v) if k in ("lr", "weight_decay") else int(v)) for k, v in recipe.items()}),
+                      None, str(cache_dir))
+    losses = {}
+    for area in ("tile", "crops"):
+        cfg = slot_config(teacher_cache=str(cache_dir), ae_loss_area=area, crop_size=128)
+        model = train(new_slot(cfg, backbone), data["train"][:6], steps=1)
+        losses[area] = model.trainer.callback_metrics["loss_ae"].item()
+    assert losses["tile"] == pytest.approx(losses["crops"], rel=1e-5)
+    with pytest.raises(ConfigError, match="ae_loss_area") as err:
+        instantiate_checked(slot_config(teacher_cache=str(cache_dir), ae_loss_area="whole").net, backbone=backbone)
+    assert "\n" not in str(err.value)
 
 
 # -- teacher: cache and files ---------------------------------------------------------------------------
