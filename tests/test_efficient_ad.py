@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.conftest import single_torch_thread
 from tests.test_models import auroc, defective_tiles, efficientnet, normal_tiles
 from tests.test_run import write_mvtec
-from tiled_hydra.errors import ConfigError
+from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.models.efficient_ad import teacher as teacher_module
 from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
 from tiled_hydra.models.efficient_ad.torch_model import (
@@ -112,6 +112,23 @@ def test_a_crop_at_a_stride_multiple_is_exactly_a_window_of_the_whole_output():
         whole = net(tile)
         crop = net(tile[:, :, 12 : 12 + 64, 32 : 32 + 64])
     assert torch.allclose(crop, whole[:, :, 3 : 3 + 8, 8 : 8 + 8], atol=1e-5)
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_student_half_is_the_slice_of_the_full_student_gradients_included(size):
+    # Training computes only the half of the student's last convolution each loss uses; the
+    # values and the gradients must be those of slicing the full output.
+    torch.manual_seed(0)
+    model = EfficientAdModel(size, (64, 64))
+    x = torch.rand(2, 3, 64, 64)
+    for half in (0, 1):
+        full = model.student(x)[:, half * 384 : (half + 1) * 384]
+        grads_full = torch.autograd.grad(full.pow(2).mean(), list(model.student.parameters()))
+        part = model.student_half(x, half)
+        grads_part = torch.autograd.grad(part.pow(2).mean(), list(model.student.parameters()))
+        assert part.shape == full.shape and torch.allclose(part, full, atol=1e-5)
+        for a, b in zip(grads_full, grads_part):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 # -- the loss maths by hand --------------------------------------------------------------------------
@@ -244,6 +261,26 @@ def test_the_log_carries_every_loss_term(trained):
     metrics = model.trainer.callback_metrics
     for key in ("loss_st", "loss_ae", "loss_stae", "loss_penalty", "train_loss"):
         assert torch.isfinite(metrics[key]), key
+
+
+def test_autoencoder_loss_on_the_whole_tile_equals_the_crop_windows_when_the_crop_is_the_tile(data, backbone, cache_dir):
+    # With the crop capped at the tile size (128 px asked, 64 px tiles) the one crop window is the
+    # whole output, so ae_loss_area=tile (teacher on the whole tile) and crops (teacher on the crop)
+    # must compute the same term on the same random draws.
+    # Distil (or load) the cached teacher first: a distillation inside the first run would draw from
+    # the global random state and the two runs would not see the same draws.
+    recipe = slot_config().net.distill
+    distilled_teacher(backbone, "small", DistillRecipe(**{k: (float(v) if k in ("lr", "weight_decay") else int(v)) for k, v in recipe.items()}),
+                      None, str(cache_dir))
+    losses = {}
+    for area in ("tile", "crops"):
+        cfg = slot_config(teacher_cache=str(cache_dir), ae_loss_area=area, crop_size=128)
+        model = train(new_slot(cfg, backbone), data["train"][:6], steps=1)
+        losses[area] = model.trainer.callback_metrics["loss_ae"].item()
+    assert losses["tile"] == pytest.approx(losses["crops"], rel=1e-5)
+    with pytest.raises(ConfigError, match="ae_loss_area") as err:
+        instantiate_checked(slot_config(teacher_cache=str(cache_dir), ae_loss_area="whole").net, backbone=backbone)
+    assert "\n" not in str(err.value)
 
 
 # -- teacher: cache and files ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.efficient_ad.corpus import ImageCorpus
 from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
 from tiled_hydra.models.efficient_ad.torch_model import (
-    OUT_CHANNELS,
     EfficientAdModel,
     check_tile,
     hard_feature_loss,
@@ -77,6 +76,8 @@ class EfficientAd(AnomalyModule):
         crops_per_tile: int,
         hard_quantile: float,
         ae_jitter: float,
+        ae_loss_area: str,
+        penalty_images: int | None,
         dropout: float,
         quantile_holdout: float,
         min_holdout: int,
@@ -91,6 +92,8 @@ class EfficientAd(AnomalyModule):
         check_tile(height, width)
         if not 0 < quantile_holdout < 1 or min_holdout < 1:
             raise ConfigError("efficient_ad: model.net.quantile_holdout must be in (0, 1) and min_holdout >= 1")
+        if ae_loss_area not in ("tile", "crops"):
+            raise ConfigError(f"efficient_ad: model.net.ae_loss_area must be tile or crops, got '{ae_loss_area}'")
         if crop_size < 64:
             raise ConfigError("efficient_ad: model.net.crop_size must be at least 64 px (the PDN's smallest input)")
         self.model = EfficientAdModel(size, (height, width), dropout).to(memory_format=torch.channels_last)
@@ -146,29 +149,32 @@ class EfficientAd(AnomalyModule):
         # Student vs teacher on crops of the normal tiles: only the hardest 0.1% of the features count.
         crops, _ = self._crops(tiles, side)
         x = self._prepare(crops)
-        loss_st = hard_feature_loss(model.teacher_features(x), model.student(x)[:, :OUT_CHANNELS], hp.hard_quantile)
+        loss_st = hard_feature_loss(model.teacher_features(x), model.student_half(x, 0), hp.hard_quantile)
         loss = loss_st
         if self._penalty is not None:
-            images = self._penalty.sample(len(crops), side[0], self._generator, grayscale=0.3).to(self.device)
+            images = self._penalty.sample(hp.penalty_images or len(crops), side[0], self._generator, grayscale=0.3).to(self.device)
             if side[1] != side[0]:
                 images = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
-            loss_penalty = penalty_loss(model.student(self._prepare(images))[:, :OUT_CHANNELS])
+            loss_penalty = penalty_loss(model.student_half(self._prepare(images), 0))
             loss = loss + loss_penalty
             self.log("loss_penalty", loss_penalty)
 
-        # Autoencoder on whole augmented tiles.  Its loss against the teacher, and the student's
-        # second half against it, are taken on crop windows: the same terms as on the whole output,
-        # sampled, so the teacher and student never run on a whole tile during training.
+        # Autoencoder on whole augmented tiles.  The student's second half runs on a crop and is
+        # compared with the autoencoder's output window by window (the same term, sampled).  The
+        # autoencoder's own loss is taken on its whole output (ae_loss_area=tile, the paper's term:
+        # the teacher runs once on the whole augmented tile) or on the crop windows only (crops).
         augmented = color_jitter(tiles, hp.ae_jitter, self._generator)
-        ae_out = model.autoencoder(self._prepare(augmented))
+        x_tiles = self._prepare(augmented)
+        ae_out = model.autoencoder(x_tiles)
         aug_crops, offsets = self._crops(augmented, side)
-        x_aug = self._prepare(aug_crops)
-        teacher_aug = model.teacher_features(x_aug)
-        student_ae = model.student(x_aug)[:, OUT_CHANNELS:]
+        student_ae = model.student_half(self._prepare(aug_crops), 1)
         oh, ow = student_ae.shape[-2:]
         per_tile = hp.crops_per_tile
         windows = torch.stack([ae_out[i // per_tile, :, a : a + oh, b : b + ow] for i, (a, b) in enumerate(offsets)])
-        loss_ae = (teacher_aug - windows).pow(2).mean()
+        if hp.ae_loss_area == "tile":
+            loss_ae = (model.teacher_features(x_tiles) - ae_out).pow(2).mean()
+        else:
+            loss_ae = (model.teacher_features(self._prepare(aug_crops)) - windows).pow(2).mean()
         loss_stae = (windows - student_ae).pow(2).mean()
         loss = loss + loss_ae + loss_stae
         self.log_dict({"loss_st": loss_st, "loss_ae": loss_ae, "loss_stae": loss_stae})

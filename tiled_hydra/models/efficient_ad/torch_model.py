@@ -199,6 +199,19 @@ class EfficientAdModel(nn.Module):
         self.teacher_mean.copy_(mean.view(1, -1, 1, 1).float())
         self.teacher_std.copy_(std.clamp_min(1e-6).view(1, -1, 1, 1).float())
 
+    def student_half(self, x: torch.Tensor, half: int) -> torch.Tensor:
+        """The student's first (0: teacher-like) or second (1: autoencoder-like) 384 channels only.
+
+        Equal to ``self.student(x)[:, half * 384 : (half + 1) * 384]``, gradients included, but the
+        last convolution computes only the channels asked for: in training every student pass uses
+        one half, and the small PDN's last 4x4 convolution is about half of its cost.
+        """
+        *trunk, last = self.student
+        for layer in trunk:
+            x = layer(x)
+        keep = slice(half * OUT_CHANNELS, (half + 1) * OUT_CHANNELS)
+        return F.conv2d(x, last.weight[keep], last.bias[keep], last.stride, last.padding)
+
     def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised ST and AE maps (B, h, w) at the PDN's output resolution."""
         teacher = self.teacher_features(x)
