@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from tests.test_rundir import ENV, assert_one_line, wait_for
 from tests.test_run import REPO, tiny_overrides, write_mvtec
+from tests.test_sweeps import sbatch_script
 from tiled_hydra.ensemble import shard_slots, summarize
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.validate import validate
@@ -192,25 +191,12 @@ def test_a_shared_dir_of_another_configuration_is_refused(mvtec_root, tmp_path):
 
 # -- other launchers --------------------------------------------------------------------------------
 def test_slurm_shards_render_one_gpu_per_shard(compose_cfg, tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit", reason="pip install -e '.[slurm]'")
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-    fake_srun = tmp_path / "bin" / "srun"  # submitit refuses to build a SLURM executor without srun on PATH
-    fake_srun.parent.mkdir()
-    fake_srun.write_text("#!/bin/sh\nexit 1\n")
-    fake_srun.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_srun.parent}{os.pathsep}{os.environ['PATH']}")
+    pytest.importorskip("submitit", reason="pip install -e '.[slurm]'")
     cfg = compose_cfg(["+setup=ens9", "model=fastflow", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
                        "ensemble.num_shards=9", "ensemble.shard=4", f"ensemble.checkpoint_dir={tmp_path / 'slots'}",
                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
     validate(cfg)
-    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    params.pop("_target_")
-    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    script = executor._executor._make_submission_file_text("python -m tiled_hydra", "uid")
+    script = sbatch_script(cfg, tmp_path, monkeypatch)
     for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=gpu"):
         assert line in script, line
     assert shard_slots(9, int(cfg.ensemble.shard), int(cfg.ensemble.num_shards)) == [4]  # one slot per GPU

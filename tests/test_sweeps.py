@@ -104,17 +104,16 @@ def test_launcher_composes_and_instantiates(compose_cfg, launcher):
     assert type(instantiate(cfg.hydra.launcher)).__name__.endswith("Launcher")
 
 
-def test_slurm_config_renders_an_sbatch_script_with_one_gpu(compose_cfg, tmp_path, monkeypatch):
+def sbatch_script(cfg, tmp_path, monkeypatch) -> str:
+    """The sbatch file hydra_submitit_launcher would submit for ``cfg`` (composed with a SLURM launcher)."""
     submitit = pytest.importorskip("submitit", reason="pip install -e '.[slurm]'")
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     fake_srun = tmp_path / "bin" / "srun"  # submitit refuses to build a SLURM executor without srun on PATH
-    fake_srun.parent.mkdir()
+    fake_srun.parent.mkdir(exist_ok=True)
     fake_srun.write_text("#!/bin/sh\nexit 1\n")
     fake_srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_srun.parent}{os.pathsep}{os.environ['PATH']}")
-    cfg = compose_cfg(["+sweep=smoke", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
-                       f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
     # The parameter mapping of hydra_submitit_launcher's SlurmLauncher.launch(), up to submission.
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     params.pop("_target_")
@@ -122,7 +121,14 @@ def test_slurm_config_renders_an_sbatch_script_with_one_gpu(compose_cfg, tmp_pat
                                      slurm_max_num_timeout=params.pop("max_num_timeout"))
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    script = executor._executor._make_submission_file_text("python -m tiled_hydra", "uid")
+    return executor._executor._make_submission_file_text("python -m tiled_hydra", "uid")
+
+
+def test_slurm_config_renders_an_sbatch_script_with_one_gpu(compose_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("submitit", reason="pip install -e '.[slurm]'")
+    cfg = compose_cfg(["+sweep=smoke", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    script = sbatch_script(cfg, tmp_path, monkeypatch)
     for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=240",
                  "#SBATCH --partition=gpu", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB"):
         assert line in script, line

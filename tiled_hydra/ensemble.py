@@ -9,7 +9,6 @@ interrupted run resumable.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import hashlib
 import json
@@ -35,7 +34,7 @@ from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
 from tiled_hydra.inference import check_whole_image, chunk_pixels, cut_tile_features, run_backbone, whole_image_features
 from tiled_hydra.memory import PeakMemory
 from tiled_hydra.models.base import AnomalyModule
-from tiled_hydra.rundir import check_slot_records, fingerprint_of, mismatch_error, slot_identity, temp_path, write_json_atomic
+from tiled_hydra.rundir import PidLock, check_slot_records, fingerprint_of, mismatch_error, slot_identity, temp_path, write_json_atomic
 from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -352,32 +351,14 @@ class SlotRunner:
         return freed
 
 
-class SlotLock:
-    """flock on a file next to the slot's checkpoint; waits (saying so) while another process holds it."""
+class SlotLock(PidLock):
+    """slot_NNN.lock next to the slot's checkpoint: waits (saying so) while another process trains it."""
 
     def __init__(self, path: Path):
-        self.path, self.file = path, None
+        def wait(pid: str) -> None:
+            log.info("%s: another process (pid %s) is training this slot; waiting for it", path.with_suffix(".pt").name, pid)
 
-    def __enter__(self) -> "SlotLock":
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            log.info("%s: another process (pid %s) is training this slot; waiting for it",
-                     self.path.with_suffix(".pt").name, self.file.read().strip() or "?")
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.seek(0)
-        self.file.truncate()
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+        super().__init__(path, wait)
 
 
 def file_sha256(path: Path) -> str:

@@ -140,15 +140,17 @@ def temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-# -- the lock ------------------------------------------------------------------------------------
-class RunDirLock:
-    """Exclusive lock on RUN_DIR/.lock for the life of a job (released by the OS if it dies)."""
+# -- locks ---------------------------------------------------------------------------------------
+class PidLock:
+    """Exclusive flock on a file that holds the owner's pid (released by the OS if it dies).
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self.file = None
+    Busy: ``on_busy(pid)`` is called; it raises to give up, or returns to wait for the lock.
+    """
 
-    def __enter__(self) -> "RunDirLock":
+    def __init__(self, path: Path, on_busy):
+        self.path, self.on_busy, self.file = Path(path), on_busy, None
+
+    def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")
         try:
@@ -156,8 +158,12 @@ class RunDirLock:
         except BlockingIOError:
             self.file.seek(0)
             pid = self.file.read().strip() or "?"
-            self.file.close()
-            raise ConfigError(f"{self.path.parent} is in use by pid {pid}; wait for it or use another hydra.run.dir") from None
+            try:
+                self.on_busy(pid)
+            except BaseException:
+                self.file.close()
+                raise
+            fcntl.flock(self.file, fcntl.LOCK_EX)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -169,6 +175,16 @@ class RunDirLock:
         self.file.truncate()
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
+
+
+class RunDirLock(PidLock):
+    """RUN_DIR/.lock for the life of a job: a second job in the directory is refused."""
+
+    def __init__(self, run_dir: Path):
+        def refuse(pid: str) -> None:
+            raise ConfigError(f"{Path(run_dir)} is in use by pid {pid}; wait for it or use another hydra.run.dir")
+
+        super().__init__(Path(run_dir) / ".lock", refuse)
 
 
 # -- what a finished run left ---------------------------------------------------------------------
