@@ -209,3 +209,30 @@ def test_ray_runs_two_shards_locally(mvtec_root, tmp_path):
     ok(python_m(["-m", "hydra/launcher=ray", *tiny(mvtec_root), "ensemble.num_shards=2", "ensemble.shard=range(2)",
                  f"ensemble.checkpoint_dir={shared}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
     assert sorted(records(shared)) == [0, 1, 2, 3]
+
+
+def test_a_slot_being_trained_elsewhere_is_waited_for(tmp_path, caplog):
+    """flock conflicts between two open files even in one process: the second SlotLock waits
+    (and says so) until the first is released, so two shards never train one slot at once."""
+    import threading
+    import time
+
+    from tiled_hydra.ensemble import SlotLock
+
+    path = tmp_path / "slot_003.lock"
+    entered = threading.Event()
+
+    def second() -> None:
+        with SlotLock(path):
+            entered.set()
+
+    with caplog.at_level("INFO", logger="tiled_hydra.ensemble"):
+        with SlotLock(path):
+            assert path.read_text() == str(os.getpid())
+            waiter = threading.Thread(target=second)
+            waiter.start()
+            time.sleep(0.5)
+            assert not entered.is_set(), "the second lock did not wait"
+        waiter.join(timeout=10)
+    assert entered.is_set()
+    assert any("another process" in r.getMessage() and "slot_003.pt" in r.getMessage() for r in caplog.records)
