@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import single_torch_thread
-from tests.test_models import auroc, defective_tiles, efficientnet, normal_tiles
+from tests.test_models import auroc, efficientnet, normal_tiles, tile_sets
 from tests.test_run import TINY, cli, tiny_overrides, write_mvtec
 from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.models.ddad.torch_model import (
@@ -155,12 +155,7 @@ def test_adaptation_loss_terms_by_hand():
 # -- a trained slot ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "train": normal_tiles(16, TILE, generator),
-        "normal": normal_tiles(12, TILE, generator),
-        "defective": defective_tiles(12, TILE, generator),
-    }
+    return tile_sets(16, TILE)
 
 
 @pytest.fixture(scope="module")

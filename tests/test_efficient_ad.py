@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import single_torch_thread
-from tests.test_models import auroc, defective_tiles, efficientnet, normal_tiles
+from tests.test_models import auroc, efficientnet, tile_sets
 from tests.test_run import write_mvtec
 from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.models.efficient_ad import teacher as teacher_module
@@ -196,12 +196,7 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "train": normal_tiles(18, TILE, generator),
-        "normal": normal_tiles(12, TILE, generator),
-        "defective": defective_tiles(12, TILE, generator),
-    }
+    return tile_sets(18, TILE)
 
 
 @pytest.fixture(scope="module")

@@ -97,14 +97,19 @@ def fit_slot(model: AnomalyModule, tiles: torch.Tensor, batch_size: int, max_ste
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def data() -> dict[str, torch.Tensor]:
+def tile_sets(n_train: int = 16, tile: int = TILE) -> dict[str, torch.Tensor]:
+    """Seeded training tiles, then 12 normal and 12 defective test tiles (the detection bar's data)."""
     generator = torch.Generator().manual_seed(0)
     return {
-        "train": normal_tiles(16, TILE, generator),
-        "normal": normal_tiles(12, TILE, generator),
-        "defective": defective_tiles(12, TILE, generator),
+        "train": normal_tiles(n_train, tile, generator),
+        "normal": normal_tiles(12, tile, generator),
+        "defective": defective_tiles(12, tile, generator),
     }
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, torch.Tensor]:
+    return tile_sets()
 
 
 @pytest.fixture(scope="module")

@@ -261,12 +261,10 @@ class SlotRunner:
         return record
 
     def missing_slots(self) -> list[int]:
-        """Slots without an intact checkpoint of this configuration."""
-        return [slot for slot in range(len(self.slots)) if self.trained_record(slot) is None]
-
-    def trained_records(self) -> list[dict]:
-        """Every slot's record (all must be trained), marked resumed: this process trained none."""
-        return [{**self.trained_record(slot), "resumed": True} for slot in range(len(self.slots))]
+        """Slots without a record and checkpoint of this configuration (a quick look: the checksum
+        is verified when a slot is used, by :meth:`trained_record`)."""
+        return [slot for slot in range(len(self.slots))
+                if (self.read_record(slot) or {}).get("fingerprint") != self.fingerprint or not self.checkpoint_path(slot).exists()]
 
     def slot_lock(self, slot: int):
         """An exclusive lock on checkpoints/slot_NNN.lock while a slot is checked and trained: two

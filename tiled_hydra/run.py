@@ -163,13 +163,15 @@ def train_command(cfg: DictConfig) -> str:
 
 
 def require_trained(runner: SlotRunner, cfg: DictConfig) -> list[dict]:
-    """Every slot's record, or one ConfigError line naming the missing slots and how to train them."""
-    missing = runner.missing_slots()
+    """Every slot's record (marked resumed), or one ConfigError line naming the missing slots and
+    how to train them.  Each checkpoint is checksummed once, here."""
+    records = {slot: runner.trained_record(slot) for slot in range(len(runner.slots))}
+    missing = [slot for slot, record in records.items() if record is None]
     if missing:
         shown = ", ".join(str(s) for s in missing[:12]) + (", ..." if len(missing) > 12 else "")
         raise ConfigError(f"ensemble.stage=evaluate: slots {shown} ({len(missing)} of {len(runner.slots)}) are not trained "
                           f"in {runner.checkpoint_dir}; train them first: {train_command(cfg)}")
-    return runner.trained_records()
+    return [{**record, "resumed": True} for record in records.values()]
 
 
 def train_only(cfg: DictConfig, run_dir: Path) -> dict:
