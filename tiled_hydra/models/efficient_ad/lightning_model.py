@@ -79,6 +79,7 @@ class EfficientAd(AnomalyModule):
         ae_loss_area: str,
         penalty_images: int | None,
         dropout: float,
+        precision: str,
         quantile_holdout: float,
         min_holdout: int,
         map_quantiles: list[float],
@@ -96,7 +97,7 @@ class EfficientAd(AnomalyModule):
             raise ConfigError(f"efficient_ad: model.net.ae_loss_area must be tile or crops, got '{ae_loss_area}'")
         if crop_size < 64:
             raise ConfigError("efficient_ad: model.net.crop_size must be at least 64 px (the PDN's smallest input)")
-        self.model = EfficientAdModel(size, (height, width), dropout).to(memory_format=torch.channels_last)
+        self.model = EfficientAdModel(size, (height, width), dropout, str(precision)).to(memory_format=torch.channels_last)
         self._holdout: Dataset | None = None
         self._penalty: ImageCorpus | None = None
         self._generator = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63)
@@ -165,7 +166,7 @@ class EfficientAd(AnomalyModule):
         # the teacher runs once on the whole augmented tile) or on the crop windows only (crops).
         augmented = color_jitter(tiles, hp.ae_jitter, self._generator)
         x_tiles = self._prepare(augmented)
-        ae_out = model.autoencoder(x_tiles)
+        ae_out = model.reconstruct(x_tiles)
         aug_crops, offsets = self._crops(augmented, side)
         student_ae = model.student_half(self._prepare(aug_crops), 1)
         oh, ow = student_ae.shape[-2:]

@@ -22,6 +22,7 @@ from torch import nn
 
 from tiled_hydra.errors import ConfigError
 
+PRECISIONS = ("32", "bf16")  # of the three networks' convolutions; maps, losses and statistics stay float32
 OUT_CHANNELS = 384  # teacher feature channels (the student has twice as many)
 MIN_TILE = 64  # smallest side: five stride-2 encoder convolutions leave 2 px, the PDN 8 px
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -159,9 +160,12 @@ def normalize_map(anomaly_map: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tenso
 class EfficientAdModel(nn.Module):
     """Teacher, student and autoencoder with the normalisation statistics they are used with."""
 
-    def __init__(self, size: str, tile_size: tuple[int, int], dropout: float = 0.2):
+    def __init__(self, size: str, tile_size: tuple[int, int], dropout: float = 0.2, precision: str = "32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"efficient_ad: model.net.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
         self.size = size
+        self.precision = precision
         self.teacher = pdn(size, OUT_CHANNELS).requires_grad_(False)
         self.student = pdn(size, 2 * OUT_CHANNELS)
         self.autoencoder = AutoEncoder(tile_size, OUT_CHANNELS, dropout)
@@ -181,16 +185,31 @@ class EfficientAdModel(nn.Module):
         """Tiles in [0, 1] -> the ImageNet-normalised input all three networks were made for."""
         return (tiles - self.input_mean) / self.input_std
 
+    def convolutions(self, x: torch.Tensor):
+        """The context the networks run in: bfloat16 autocast with ``precision="bf16"`` (about 1.9x
+        faster on CPUs with AVX512-BF16 and on recent GPUs); their outputs are cast back to float32."""
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     @torch.no_grad()
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.teacher(x) - self.teacher_mean) / self.teacher_std
+        with self.convolutions(x):
+            out = self.teacher(x)
+        return (out.float() - self.teacher_mean) / self.teacher_std
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's teacher-like features of whole tiles."""
+        with self.convolutions(x):
+            out = self.autoencoder(x)
+        return out.float()
 
     @torch.no_grad()
     def fit_teacher_statistics(self, batches) -> None:
         """Per-channel mean and std of the teacher's outputs over an iterable of prepared inputs."""
         count, total, total_sq = 0, 0.0, 0.0
         for x in batches:
-            out = self.teacher(x).double()
+            with self.convolutions(x):
+                out = self.teacher(x)
+            out = out.double()
             count += out.numel() // out.shape[1]
             total = total + out.sum(dim=(0, 2, 3))
             total_sq = total_sq + out.pow(2).sum(dim=(0, 2, 3))
@@ -207,16 +226,20 @@ class EfficientAdModel(nn.Module):
         one half, and the small PDN's last 4x4 convolution is about half of its cost.
         """
         *trunk, last = self.student
-        for layer in trunk:
-            x = layer(x)
         keep = slice(half * OUT_CHANNELS, (half + 1) * OUT_CHANNELS)
-        return F.conv2d(x, last.weight[keep], last.bias[keep], last.stride, last.padding)
+        with self.convolutions(x):
+            for layer in trunk:
+                x = layer(x)
+            x = F.conv2d(x, last.weight[keep], last.bias[keep], last.stride, last.padding)
+        return x.float()
 
     def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised ST and AE maps (B, h, w) at the PDN's output resolution."""
         teacher = self.teacher_features(x)
-        student = self.student(x)
-        autoencoder = self.autoencoder(x)
+        with self.convolutions(x):
+            student = self.student(x)
+        student = student.float()
+        autoencoder = self.reconstruct(x)
         map_st = (teacher - student[:, :OUT_CHANNELS]).pow(2).mean(dim=1)
         map_ae = (autoencoder - student[:, OUT_CHANNELS:]).pow(2).mean(dim=1)
         return map_st, map_ae
