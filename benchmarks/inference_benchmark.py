@@ -15,6 +15,11 @@ Rows are appended to OUT/table.md as they finish (a partial run keeps its rows).
 Speed only, of trained run dirs, all in one process (ratios between setups measured together):
 
     python benchmarks/inference_benchmark.py --measure outputs/runs/A outputs/runs/B ...
+
+Where a batch-1 inference step of a frozen-backbone model spends its time (backbone vs the slots'
+heads, resident models), with the bytes of slot weights each image reads:
+
+    python benchmarks/inference_benchmark.py --split outputs/runs/A outputs/runs/B ...
 """
 
 from __future__ import annotations
@@ -76,7 +81,6 @@ def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
 
 def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
     """Latency, throughput and peak memory of each run dir in each mode, in this one process."""
-    from tiled_hydra.memory import PeakMemory
     from tiled_hydra.predict import load_run
 
     print("| run dir | setup | features | mode | latency ms | throughput img/s | infer peak MiB (test images) |\n|---|---|---|---|---|---|---|")
@@ -94,9 +98,61 @@ def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
             del trained
 
 
+def backbone_step(engine, image: torch.Tensor) -> list[torch.Tensor]:
+    """The stages of every tile of one image, as the engine computes them (whole image or per tile)."""
+    from tiled_hydra.inference import as_unit_float, cut_tile_features, run_backbone, whole_image_features
+
+    grid, every_tile = engine.grid, list(range(engine.grid.num_tiles))
+    if engine.settings.features == "whole_image":
+        whole = whole_image_features(engine.backbone, image, grid, engine.device, engine.settings.chunk_pixels)
+        return cut_tile_features(whole, grid, every_tile, engine.reductions)
+    return run_backbone(engine.backbone, as_unit_float(grid.tile_subset(image, every_tile).flatten(0, 1)), engine.settings.chunk_pixels)
+
+
+def heads_step(engine, models: list, features: list[torch.Tensor]) -> int:
+    """Every slot's head on its tiles' stages; returns the patch positions evaluated."""
+    positions = 0
+    for model, slot_tiles in zip(models, engine.slots):
+        own = [f[slot_tiles] for f in features]
+        model.predict_features(own, engine.grid.tile_size)
+        positions += len(slot_tiles) * own[0].shape[-2] * own[0].shape[-1]
+    return positions
+
+
+def split_run_dirs(run_dirs: list[Path], repeats: int) -> None:
+    """Batch-1 time of the backbone and of the slot heads, measured apart, for each run dir (one process)."""
+    import statistics
+
+    from tiled_hydra.predict import load_run
+
+    print("| run dir | setup | features | backbone ms | heads ms | heads share | patch positions | slot weights MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run_dir in run_dirs:
+        trained = load_run(run_dir, "resident", "cpu")
+        engine, cfg = trained.engine, trained.cfg
+        data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(engine.grid.image_size))
+        models = [engine.models.get(slot) for slot in range(len(engine.slots))]
+        times: dict[str, list[float]] = {"backbone": [], "heads": []}
+        with torch.no_grad():
+            for k in range(repeats + 2):  # two warm-up images
+                image = data.test.images[k % len(data.test)].unsqueeze(0)
+                start = time.perf_counter()
+                features = backbone_step(engine, image)
+                middle = time.perf_counter()
+                positions = heads_step(engine, models, features)
+                if k >= 2:
+                    times["backbone"].append(middle - start)
+                    times["heads"].append(time.perf_counter() - middle)
+        b, h = (1000 * statistics.median(times[p]) for p in ("backbone", "heads"))
+        weights = sum(sum(t.numel() * t.element_size() for t in m.model.state_dict().values()) for m in models)
+        print(f"| {run_dir.name} | {cfg.setup.name} | {cfg.inference.features} | {b:.0f} | {h:.0f} | {h / (b + h):.2f} | "
+              f"{positions} | {weights / 2**20:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", nargs="+", type=Path, help="trained run dirs: speed and memory per mode only")
+    parser.add_argument("--split", nargs="+", type=Path, help="trained run dirs: backbone vs heads time at batch 1")
     parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["padim", "patchcore"])
     parser.add_argument("--setups", nargs="+", default=["sm256", "sm512", "ens4", "ens9"])
@@ -107,6 +163,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.measure:
         measure_run_dirs(args.measure, args.repeats)
+        return
+    if args.split:
+        split_run_dirs(args.split, args.repeats)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "table.md"

@@ -64,8 +64,8 @@ def main() -> None:
             results = evaluation.pixel_metrics(maps, split, torch.full((n,), 1.0), cfg)
         seconds = time.perf_counter() - start
     pixels = n * size * size
-    print(f"| images | native px | evaluated pixels | sweep | thresholds | peak RSS above baseline | materialised maps+masks | seconds |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| images | native px | evaluated pixels | sweep | thresholds | peak RSS above baseline | materialised maps+masks | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {n} | {size}x{size} | {pixels / 1e6:.0f} M | {'exact' if results['pixel_thresholds'] == 'all' else 'streamed'} | "
           f"{results['pixel_thresholds']} | {peak.bytes / 2**20:.0f} MiB | {pixels * 5 / 2**20:.0f} MiB | {seconds:.1f} |")
     print({k: results[k] for k in ("pixel_AUROC", "pixel_AUPRO", "pixel_AP", "region_count_by_size")})

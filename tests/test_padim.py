@@ -1,5 +1,6 @@
 """PaDiM math against a direct computation, and exact checkpoint round trip."""
 
+import pytest
 import torch
 
 from tiled_hydra.backbone import build_backbone
@@ -7,7 +8,17 @@ from tiled_hydra.models.padim import Padim
 from tiled_hydra.models.padim.torch_model import PadimModel
 
 
-def test_map_is_the_mahalanobis_distance_of_the_regularised_sample_covariance():
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the fit's chunks run on a thread pool
+def test_map_is_the_mahalanobis_distance_of_the_regularised_sample_covariance(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_mahalanobis_map()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_mahalanobis_map():
     torch.manual_seed(0)
     model = PadimModel(total_channels=20, n_features=10, epsilon=0.01, blur_sigma=0)
     train = torch.randn(30, 10, 4, 4)

