@@ -3,11 +3,12 @@
 The image score is the maximum of the merged map. For each trained run dir given, this re-predicts
 the run's test images (read-only, with the run's own engine) and prints:
 
-- image AUROC of the run's score (max over the whole map), as results.json has it;
-- "defect-only" AUROC: defective images scored by the maximum *inside* their defect mask (normal
-  images keep their whole-map maximum): the image AUROC a perfect localiser of the defect would
-  give. High here and low above means the defects are found but the normal background of the
-  same images peaks higher;
+- image AUROC of the run's score (``merge.score`` of the tile scores, as results.json has it) and
+  of the maximum of the merged map;
+- "defect-only" AUROC: defective images scored by the map's maximum *inside* their defect mask,
+  normal images by their whole-map maximum: the image AUROC if each defect's own peak were the
+  image score. High here and low above means the defects are found but the normal background of
+  the same images peaks higher; low here means normal images peak above the defects themselves;
 - the share of defective images whose map maximum lies inside the defect mask;
 - the median over defective images of (max inside the defect) / (max outside it), and the
   median whole-map maximum of normal images relative to the defective images' inside maximum.
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torchmetrics.functional.classification import binary_auroc
 
 from tiled_hydra.errors import instantiate_checked
+from tiled_hydra.metrics import _image_auroc
 from tiled_hydra.predict import load_run
 from tiled_hydra.run import make_grid
 
@@ -43,14 +44,16 @@ def diagnose(run_dir: Path) -> dict:
     flat, masks = maps.flatten(1), test.masks.flatten(1)
     inside = torch.where(masks, flat, torch.tensor(-torch.inf)).amax(1)
     outside = torch.where(~masks, flat, torch.tensor(-torch.inf)).amax(1)
-    oracle = torch.where(defective, inside, scores)
+    whole = flat.amax(1)  # image score = max of the merged map (the run's own may merge tile scores: merge.score)
+    oracle = torch.where(defective, inside, whole)
     has_pixels = defective & masks.any(1)  # a defect erased by downsizing has no mask pixel left
     ratio = (inside[has_pixels] / outside[has_pixels]).median()
-    normal_max = scores[~defective].median() / inside[has_pixels].median()
+    normal_max = whole[~defective].median() / inside[has_pixels].median()
     return {
         "run": str(run_dir),
-        "image AUROC (max of map)": binary_auroc(scores, test.labels).item(),
-        "defect-only AUROC": binary_auroc(oracle, test.labels).item(),
+        "image AUROC (run's score)": _image_auroc(scores, test.labels),
+        "image AUROC (max of map)": _image_auroc(whole, test.labels),
+        "defect-only AUROC": _image_auroc(oracle, test.labels),
         "defective images with max in defect": (inside[has_pixels] >= outside[has_pixels]).float().mean().item(),
         "median inside/outside max (defective)": ratio.item(),
         "median normal max / median inside max": normal_max.item(),
