@@ -129,6 +129,27 @@ def test_streamed_sweep_upsampled_stays_close_to_exact(monkeypatch, tmp_path):
     assert streamed["pixel_F1"] == exact["pixel_F1"]  # counted per pixel at the fitted threshold: exact
 
 
+def test_streamed_per_image_histograms_bin_each_image_on_their_own_thresholds(monkeypatch, tmp_path):
+    # Streamed, an image's coarse (bootstrap) histogram is summed from its fine bins; it must equal
+    # binning the image's values on the coarse thresholds directly.
+    maps, masks = random_case(torch.Generator().manual_seed(3), size=24)
+    big = [np.kron(m, np.ones((3, 3), dtype=bool)) for m in masks.numpy()]
+    split = split_with_native_masks(tmp_path, big, (24, 24))
+    monkeypatch.setattr(evaluation, "EXACT_PIXEL_LIMIT", 0)
+    monkeypatch.setattr(evaluation, "STREAM_THRESHOLDS", 512)
+    monkeypatch.setattr(evaluation, "PER_IMAGE_THRESHOLDS", 40)
+    per_image: dict = {}
+    pixel_metrics(maps, split, torch.full((len(maps),), 0.8), metrics_cfg(resolution="native"), per_image=per_image)
+    edges = torch.from_numpy(per_image["edges"])
+    assert len(edges) <= 40 and edges[0] == -math.inf and bool((edges[1:] > edges[:-1]).all())
+    for i in range(len(maps)):
+        values = evaluation.map_at(maps[i], big[i].shape).reshape(-1).double()
+        bins = (torch.searchsorted(edges, values, right=True) - 1).numpy()
+        inside = big[i].reshape(-1)
+        assert np.array_equal(per_image["normal"][i], np.bincount(bins[~inside], minlength=len(edges)))
+        assert np.array_equal(per_image["anomalous"][i], np.bincount(bins[inside], minlength=len(edges)))
+
+
 def test_region_recall_by_size_on_hand_made_masks(tmp_path):
     # A 100 x 200 image (20,000 px) with regions of 1, 10, 100 and 400 px: 0.005 %, 0.05 %, 0.5 %, 2 %.
     mask = np.zeros((100, 200), dtype=bool)

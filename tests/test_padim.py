@@ -8,7 +8,7 @@ from tiled_hydra.models.padim import Padim
 from tiled_hydra.models.padim.torch_model import PadimModel
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # 2: the fit's chunks run on a thread pool
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the fit's and the scoring's chunks run on a thread pool
 def test_map_is_the_mahalanobis_distance_of_the_regularised_sample_covariance(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -24,7 +24,8 @@ def check_mahalanobis_map():
     train = torch.randn(30, 10, 4, 4)
     model.fit(train, patches_per_chunk=5)  # chunks that do not divide 16 patches
     test = torch.randn(3, 10, 4, 4)
-    maps, scores = model(test, (4, 4))
+    maps, scores = model(test, (4, 4), patches_per_chunk=3)  # 6 chunks: on the pool with 2 threads
+    assert torch.equal(maps, model(test, (4, 4), patches_per_chunk=16)[0])  # one chunk, no pool: bit-identical
 
     # Direct definition: torch.cov (unbiased) + epsilon I, explicit inverse, in float64.
     x = train.flatten(2).permute(2, 0, 1).double()

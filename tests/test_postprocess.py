@@ -22,6 +22,25 @@ def test_f1_optimal_threshold_counts_ties_together():
     assert f1_optimal_threshold(torch.tensor([0.2, 0.5, 0.5, 0.9]), torch.tensor([0, 1, 0, 1])) == 0.5
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_optimal_threshold_equals_a_brute_force_search(seed):
+    # Every distinct score tried as the threshold, in float64; ties in F1 resolve to the highest
+    # threshold. Few distinct values: many ties between scores, and between F1 values.
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 12, (200,), generator=g).float() / 4
+    labels = torch.rand(200, generator=g) < torch.sigmoid(scores - 1.5)
+    best_f1, best_t = -1.0, None
+    for t in sorted(set(scores.tolist())):
+        predicted = scores >= t
+        f1 = 2 * float((predicted & labels).sum()) / (float(predicted.sum()) + float(labels.sum()))
+        if f1 >= best_f1 - 1e-12:
+            best_f1, best_t = max(best_f1, f1), t
+    assert f1_optimal_threshold(scores, labels) == best_t
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        f1_optimal_threshold(torch.cat([scores, torch.tensor([float("nan")])]), torch.cat([labels, torch.tensor([True])]))
+
+
 def test_without_positives_the_threshold_flags_nothing():
     scores = torch.tensor([0.2, 0.9, 0.4])
     threshold = f1_optimal_threshold(scores, torch.zeros(3))

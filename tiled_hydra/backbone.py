@@ -31,7 +31,9 @@ class FrozenBackbone(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], name: str):
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
+        # channels_last: oneDNN's CPU convolutions skip their layout reorders (Lite0 at 512 px,
+        # 2 threads: 770 -> 423 ms per batch of 4; features equal to ~2e-6 relative).
+        self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = name
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -50,7 +52,8 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.net((images - self.mean) / self.std)
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return [f.contiguous() for f in self.net(x)]  # downstream code sees the usual layout
 
 
 def _package_state_dict(package: str, timm_name: str) -> dict[str, torch.Tensor]:

@@ -147,6 +147,12 @@ def threshold_edges(maps: torch.Tensor, shapes: list[tuple[int, int]], count: in
     return torch.cat([torch.tensor([-math.inf], dtype=torch.float64), distinct])
 
 
+def coarse_groups(num_edges: int, count: int) -> np.ndarray:
+    """Indices of about ``count`` of ``num_edges`` ascending thresholds, evenly spaced, the first (-inf)
+    included: the coarse bin k is the union of the fine bins groups[k] .. groups[k+1] - 1."""
+    return np.unique(np.linspace(0, num_edges - 1, min(count, num_edges)).round().astype(np.int64))
+
+
 @dataclass
 class CurveHistograms:
     edges: torch.Tensor
@@ -205,7 +211,12 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
     shapes = [tuple(maps.shape[-2:]) if mode == "setup" else (size or split.native_sizes[i]) for i in range(len(split))]
     exact = sum(h * w for h, w in shapes) <= EXACT_PIXEL_LIMIT
     histograms = None if exact else CurveHistograms(threshold_edges(maps, shapes, STREAM_THRESHOLDS))
-    coarse = None if per_image is None else CurveHistograms(threshold_edges(maps, shapes, PER_IMAGE_THRESHOLDS))
+    coarse, groups = None, None
+    if per_image is not None and exact:
+        coarse = CurveHistograms(threshold_edges(maps, shapes, PER_IMAGE_THRESHOLDS))
+    elif per_image is not None:  # every k-th streamed threshold: an image's coarse bins are sums of its fine bins
+        groups = coarse_groups(len(histograms.edges), PER_IMAGE_THRESHOLDS)
+        coarse = CurveHistograms(histograms.edges[groups])
     coarse_rows = []
     values_all, regions_all, offset = [], [], 0
     true_pos = false_pos = false_neg = 0
@@ -225,8 +236,10 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
             regions_all.append(torch.from_numpy(np.where(regions > 0, regions + offset, 0).astype(np.int32).reshape(-1)))
             offset += count
         else:
-            histograms.add(values, regions, region_sizes.astype(np.float64))
-        if coarse is not None:
+            fine = histograms.add(values, regions, region_sizes.astype(np.float64))
+        if groups is not None:
+            coarse_rows.append((*(np.add.reduceat(h, groups) for h in fine), count))
+        elif coarse is not None:
             coarse_rows.append((*coarse.add(values, regions, region_sizes.astype(np.float64)), count))
     if coarse is not None:
         normal, anomalous, pro, counts = zip(*coarse_rows)

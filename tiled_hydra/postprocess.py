@@ -21,10 +21,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tiled_hydra.errors import DataError
-from tiled_hydra.metrics import sort_with_tie_runs
 
 #: Written by a run next to results.json; read by ``python -m tiled_hydra.predict``.
 POSTPROCESS_FILE = "postprocess.json"
@@ -34,18 +34,28 @@ def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """The distinct score t maximising F1 of ``scores >= t`` (the highest such t on ties in F1).
 
     Without positives F1 is 0 everywhere: the threshold is then just above the highest
-    score, so no fitted sample is flagged.
+    score, so no fitted sample is flagged. One value sort (no argsort: 2x faster on the
+    millions of pixels of a pixel threshold); true positives per threshold come from
+    the positives' own sorted values.
     """
     labels = labels.reshape(-1).bool()
     num_positive = int(labels.sum())
     if num_positive == 0:
         highest = scores.detach().max().cpu()
         return float(torch.nextafter(highest, torch.tensor(float("inf"), dtype=highest.dtype)))
-    sorted_scores, order, run_ends = sort_with_tie_runs(scores)
-    true_pos = torch.cumsum(labels.cpu()[order], 0)[run_ends]
+    values = scores.detach().reshape(-1).cpu().numpy()
+    ascending = np.sort(values)
+    # sort puts NaN last and -inf/+inf at the ends: checking both ends checks every value
+    if not (np.isfinite(ascending[0]) and np.isfinite(ascending[-1])):
+        raise ValueError("scores or maps contain NaN or infinite values")
+    run_starts = np.flatnonzero(np.concatenate(([True], ascending[1:] != ascending[:-1])))
+    thresholds = ascending[run_starts]  # the distinct values, ascending
+    predicted = values.size - run_starts  # samples >= each threshold
+    positives = np.sort(values[labels.cpu().numpy()])
+    true_pos = num_positive - np.searchsorted(positives, thresholds, side="left")
     # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (predicted positives + actual positives)
-    f1 = 2 * true_pos / (run_ends + 1 + num_positive)
-    return float(sorted_scores[run_ends[torch.argmax(f1)]])  # argmax: first = highest threshold
+    f1 = (2 * true_pos).astype(np.float32) / (predicted + num_positive).astype(np.float32)
+    return float(thresholds[np.flatnonzero(f1 == f1.max())[-1]])  # last = highest threshold
 
 
 def _normalize(values: torch.Tensor, threshold: float, low: float, high: float) -> torch.Tensor:

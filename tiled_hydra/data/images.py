@@ -7,6 +7,8 @@ Every problem a user can cause ends in a one-line :class:`DataError` that names 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +23,7 @@ from tiled_hydra.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 PROGRESS_MIN_FILES = 48  # below this a progress bar is only noise
+READ_THREADS = min(4, os.cpu_count() or 1)  # image files decoded at once
 
 
 @dataclass(frozen=True)
@@ -134,14 +137,12 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
     height, width = image_size_hw(image_size)
     images = torch.empty((len(samples), 3, height, width), dtype=torch.uint8)
     masks = torch.zeros((len(samples), height, width), dtype=torch.bool) if with_masks else None
-    native_sizes = []
-    progress = tqdm(samples, desc=f"{dataset}: {what}", unit="img", leave=False, disable=len(samples) <= PROGRESS_MIN_FILES)
-    for i, sample in enumerate(progress):
+
+    def load(sample: Sample) -> tuple[tuple[int, int], np.ndarray, np.ndarray | None]:
         image = read_image(sample.image, dataset)
-        native_sizes.append((image.height, image.width))
-        images[i] = torch.from_numpy(resize_image(image, (height, width)))
+        resized = resize_image(image, (height, width))
         if not with_masks or (sample.label == 0 and sample.mask is None):
-            continue
+            return (image.height, image.width), resized, None
         if sample.mask is None:
             raise DataError(f"{dataset}: no mask for anomalous image {sample.image}")
         mask = read_mask(sample.mask, dataset)
@@ -150,7 +151,19 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
                 f"{dataset}: mask size {mask.shape[1]}x{mask.shape[0]} of {sample.mask} differs from "
                 f"image size {image.width}x{image.height} of {sample.image}"
             )
-        masks[i] = torch.from_numpy(resize_mask(mask, (height, width)))
+        return (image.height, image.width), resized, resize_mask(mask, (height, width))
+
+    native_sizes = []
+    # PIL releases the GIL while it decodes and resizes: a few threads read in parallel; results
+    # (and the first error) come back in the samples' order
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        loaded = pool.map(load, samples)
+        for i, (native, image, mask) in enumerate(tqdm(loaded, total=len(samples), desc=f"{dataset}: {what}",
+                                                       unit="img", leave=False, disable=len(samples) <= PROGRESS_MIN_FILES)):
+            native_sizes.append(native)
+            images[i] = torch.from_numpy(image)
+            if mask is not None:
+                masks[i] = torch.from_numpy(mask)
     return Split(
         images=images,
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
