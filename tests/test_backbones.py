@@ -46,3 +46,27 @@ def test_feature_extractor_loads_package_weights_with_strides_4_8_16(name):
     assert backbone.reductions == [4, 8, 16]  # same stage strides: the models' layer defaults fit all three
     features = backbone(torch.rand(1, 3, 64, 96))
     assert [tuple(f.shape[-2:]) for f in features] == [(16, 24), (8, 12), (4, 6)]
+
+
+@pytest.mark.parametrize("name, timm_name", [("efficientnet_lite0", "tf_efficientnet_lite0"), ("resnet18", "resnet18")])
+def test_folded_batch_norms_give_the_unfolded_features(name, timm_name):
+    # Random weights and non-trivial batch-norm statistics, so that folding has something to change.
+    torch.manual_seed(0)
+    plain = build_backbone(name, timm_name, "none", [1, 2, 3], [0.5] * 3, [0.25] * 3, fold_batch_norm=False)
+    norms = [m for m in plain.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+        m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    from tiled_hydra.backbone import fold_conv_batch_norms
+
+    fresh = build_backbone(name, timm_name, "none", [1, 2, 3], [0.5] * 3, [0.25] * 3, fold_batch_norm=False)
+    fresh.net.load_state_dict(plain.net.state_dict())
+    assert fold_conv_batch_norms(fresh.net) == len(norms)  # every norm follows its conv
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fresh.net.modules())
+    images = torch.rand(2, 3, 96, 128)
+    for a, b in zip(fresh(images), plain(images)):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    # the default build folds; a trainable copy (DDAD) gets the network with its norms back
+    folded = build_backbone(name, timm_name, "none", [1, 2, 3], [0.5] * 3, [0.25] * 3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.unfolded_net().modules())

@@ -50,3 +50,14 @@ def test_slot_checkpoint_round_trip_is_exact():
     restored.load_slot_state_dict(state)
     for a, b in zip(slot.predict_tiles(tiles), restored.predict_tiles(tiles)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("finest", [16, 15])  # 15: the coarser stages are not whole fractions -> interpolate
+def test_embedding_equals_selecting_from_the_upsampled_concatenation(finest):
+    from tiled_hydra.models.padim.torch_model import concat_stages
+
+    torch.manual_seed(2)
+    model = PadimModel(total_channels=24, n_features=10, epsilon=0.01, blur_sigma=0)
+    stages = [torch.randn(3, 4, finest, finest), torch.randn(3, 8, 8, 8), torch.randn(3, 12, 4, 4)]
+    expected = concat_stages(stages).index_select(1, model.channel_index)
+    assert torch.equal(model.embed(stages), expected)

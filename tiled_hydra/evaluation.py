@@ -23,6 +23,9 @@ its pixels are at or above the pixel threshold fitted on validation data.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,8 +169,8 @@ class CurveHistograms:
         self.normal, self.anomalous = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
         self.pro = torch.zeros(k, dtype=torch.float64)
 
-    def add(self, values: torch.Tensor, regions: np.ndarray, region_sizes: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Add one image; returns its own (normal, anomalous, pro) histograms."""
+    def bin_image(self, values: torch.Tensor, regions: np.ndarray, region_sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One image's own (normal, anomalous, pro) histograms; reads nothing that :meth:`add` changes."""
         bins = (torch.searchsorted(self.edges, values.reshape(-1).double(), right=True) - 1).numpy()
         region_of = regions.reshape(-1)
         inside = region_of > 0
@@ -175,10 +178,17 @@ class CurveHistograms:
         normal = np.bincount(bins[~inside], minlength=k).astype(np.float64)
         anomalous = np.bincount(bins[inside], minlength=k).astype(np.float64)
         pro = np.bincount(bins[inside], weights=1.0 / region_sizes[region_of[inside]], minlength=k)
+        return normal, anomalous, pro
+
+    def add(self, values: torch.Tensor, regions: np.ndarray, region_sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Add one image; returns its own (normal, anomalous, pro) histograms."""
+        return self.accumulate(*self.bin_image(values, regions, region_sizes), num_regions=len(region_sizes) - 1)
+
+    def accumulate(self, normal: np.ndarray, anomalous: np.ndarray, pro: np.ndarray, num_regions: int) -> tuple[np.ndarray, ...]:
         self.normal += torch.from_numpy(normal)
         self.anomalous += torch.from_numpy(anomalous)
         self.pro += torch.from_numpy(pro)
-        self.num_regions += len(region_sizes) - 1
+        self.num_regions += num_regions
         return normal, anomalous, pro
 
     def curves(self) -> PixelCurves | None:
@@ -193,6 +203,19 @@ class CurveHistograms:
             num_normal=num_normal,
             num_anomalous=num_anomalous,
         )
+
+
+def ordered_map(work, items, workers: int):
+    """``work(item)`` for each item, on ``workers`` threads, yielded in the items' order; at most
+    2 x workers results wait, so memory stays that of a few items."""
+    items = iter(items)
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(work, item) for item in islice(items, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            for item in islice(items, 1):
+                pending.append(pool.submit(work, item))
+            yield result
 
 
 # -- the metrics ---------------------------------------------------------------------------------------
@@ -220,27 +243,41 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
     coarse_rows = []
     values_all, regions_all, offset = [], [], 0
     true_pos = false_pos = false_neg = 0
-    for i in range(len(split)):
+
+    def image(i: int) -> dict:
+        """What image i contributes, computed apart (on a thread) and added in image order."""
         mask = ground_truth(split, i, mode, size)
         values = map_at(maps[i], shapes[i])
         regions, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
         predicted = (values >= float(pixel_thresholds[i])).numpy()
-        true_pos += int((predicted & mask).sum())
-        false_pos += int((predicted & ~mask).sum())
-        false_neg += int((~predicted & mask).sum())
         region_sizes = np.bincount(regions.reshape(-1), minlength=count + 1)
-        hits = np.bincount(regions[predicted], minlength=count + 1)
-        tally.add(region_sizes[1:], hits[1:], mask.size, overlap)
+        out = dict(count=count, area=mask.size, region_sizes=region_sizes,
+                   hits=np.bincount(regions[predicted], minlength=count + 1),
+                   confusion=(int((predicted & mask).sum()), int((predicted & ~mask).sum()), int((~predicted & mask).sum())))
         if exact:
-            values_all.append(values.reshape(-1))
+            out.update(values=values.reshape(-1), regions=regions)
+        else:
+            out.update(fine=histograms.bin_image(values, regions, region_sizes.astype(np.float64)))
+        if coarse is not None and groups is None:
+            out.update(coarse=coarse.bin_image(values, regions, region_sizes.astype(np.float64)))
+        return out
+
+    # upsampling, labelling and binning release the GIL: two threads take ~half the time
+    for piece in ordered_map(image, range(len(split)), workers=max(1, min(2, torch.get_num_threads()))):
+        count, region_sizes = piece["count"], piece["region_sizes"]
+        true_pos, false_pos, false_neg = (a + b for a, b in zip((true_pos, false_pos, false_neg), piece["confusion"]))
+        tally.add(region_sizes[1:], piece["hits"][1:], piece["area"], overlap)
+        if exact:
+            regions = piece["regions"]
+            values_all.append(piece["values"])
             regions_all.append(torch.from_numpy(np.where(regions > 0, regions + offset, 0).astype(np.int32).reshape(-1)))
             offset += count
         else:
-            fine = histograms.add(values, regions, region_sizes.astype(np.float64))
+            fine = histograms.accumulate(*piece["fine"], num_regions=count)
         if groups is not None:
             coarse_rows.append((*(np.add.reduceat(h, groups) for h in fine), count))
         elif coarse is not None:
-            coarse_rows.append((*coarse.add(values, regions, region_sizes.astype(np.float64)), count))
+            coarse_rows.append((*coarse.accumulate(*piece["coarse"], num_regions=count), count))
     if coarse is not None:
         normal, anomalous, pro, counts = zip(*coarse_rows)
         per_image.update(edges=coarse.edges.numpy(), normal=np.stack(normal), anomalous=np.stack(anomalous),

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from tiled_hydra.data.base import Split  # noqa: E402
@@ -74,6 +75,19 @@ def crop_box(center: tuple[int, int], shape: tuple[int, int], side: int) -> tupl
     return out[0], out[1]
 
 
+def display_copies(image: np.ndarray, heat: np.ndarray, panel: tuple[int, int]):
+    """``image`` and ``heat`` reduced to ``panel`` (h, w) px when they are larger, and the imshow extent
+    that keeps them at native pixel coordinates."""
+    h, w = image.shape[:2]
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    if panel[0] >= h or panel[1] >= w:
+        return image, heat, extent
+    small = np.asarray(Image.fromarray(image).resize((panel[1], panel[0]), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    small_heat = F.interpolate(torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None], size=panel,
+                               mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+    return small, small_heat, extent
+
+
 def contour(ax, mask: np.ndarray | None, color: str) -> None:
     if mask is not None and mask.any() and not mask.all():
         ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)
@@ -90,11 +104,15 @@ def save_overlay(path: Path, split: Split, index: int, norm_map: torch.Tensor, t
     width, height = size[1] * scale, size[0] * scale
     fig, axes = plt.subplots(1, 3, figsize=((2 * width + height + 60) / 100, (height + 50) / 100),
                              gridspec_kw={"width_ratios": [width, width, height]})
-    axes[0].imshow(image)
+    # The full views are drawn from copies at the panel's own pixel size (placed at native
+    # coordinates, so the native contours and the crop box align): matplotlib would otherwise
+    # resample the native arrays on every draw, ~4x the time for a 1200x800 image.
+    shown, shown_heat, extent = display_copies(image, heat, (round(height), round(width)))
+    axes[0].imshow(shown, extent=extent)
     contour(axes[0], mask, "lime")
     axes[0].set_title("image, ground truth", fontsize=8)
-    axes[1].imshow(image)
-    axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[1].imshow(shown, extent=extent)
+    axes[1].imshow(shown_heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=extent)
     contour(axes[1], mask, "lime")
     contour(axes[1], prediction, "white")
     axes[1].add_patch(plt.Rectangle((cols.start, rows.start), cols.stop - cols.start, rows.stop - rows.start,

@@ -165,7 +165,8 @@ def run_study(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(str(cfg.trainer.accelerator))
     warmup, repeats = timing_protocol(cfg, device)
     info = settings(cfg, device, warmup, repeats)
-    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
+    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers),
+                              fold_batch_norm=False)  # the published architecture's layers are counted
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
     records = []

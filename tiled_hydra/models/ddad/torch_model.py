@@ -10,7 +10,6 @@ denoises along t = start - skip, ..., skip, 0 (225, ..., 0: 10 U-Net passes), en
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, backbone: FrozenBackbone):
         super().__init__()
-        self.net = copy.deepcopy(backbone.net).requires_grad_(True)
+        self.net = backbone.unfolded_net().to(backbone.mean.device).requires_grad_(True)  # with its batch norms
         self.register_buffer("mean", backbone.mean.clone(), persistent=False)
         self.register_buffer("std", backbone.std.clone(), persistent=False)
 

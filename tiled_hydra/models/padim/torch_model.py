@@ -66,15 +66,23 @@ class PadimModel(nn.Module):
         selected channels are picked before upsampling: the unselected ones are never upsampled
         (at 32 tiles of 256 px the full concatenation alone was ~90 MB per batch).
         """
-        size = features[0].shape[-2:]
-        parts, offset = [], 0
+        b, (h, w) = features[0].shape[0], features[0].shape[-2:]
+        out = features[0].new_empty(b, len(self.channel_index), h, w)  # one allocation, filled stage by stage
+        filled, offset = 0, 0
         for stage in features:
             channels = stage.shape[1]
             own = self.channel_index[(self.channel_index >= offset) & (self.channel_index < offset + channels)] - offset
-            picked = stage.index_select(1, own)
-            parts.append(picked if picked.shape[-2:] == size else F.interpolate(picked, size=size, mode="nearest"))
-            offset += channels
-        return torch.cat(parts, dim=1)
+            picked, target = stage.index_select(1, own), out[:, filled : filled + len(own)]
+            sh, sw = stage.shape[-2:]
+            if (sh, sw) == (h, w):
+                target.copy_(picked)
+            elif h % sh == 0 and w % sw == 0:  # nearest upsampling by whole factors: each value repeated in place
+                fy, fx = h // sh, w // sw
+                target.view(b, len(own), sh, fy, sw, fx).copy_(picked[:, :, :, None, :, None].expand(-1, -1, -1, fy, -1, fx))
+            else:
+                target.copy_(F.interpolate(picked, size=(h, w), mode="nearest"))
+            filled, offset = filled + len(own), offset + channels
+        return out
 
     @torch.no_grad()
     def fit(self, embeddings: torch.Tensor, patches_per_chunk: int = 128) -> None:
