@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Subset
 from tiled_hydra.backbone import FrozenBackbone
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.common import fused_adam_options
 from tiled_hydra.models.efficient_ad.corpus import ImageCorpus
 from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
 from tiled_hydra.models.efficient_ad.torch_model import (
@@ -185,7 +186,7 @@ class EfficientAd(AnomalyModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
-        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused_adam_options())
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 70_000
         drop = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(hp.lr_drop_at * max_steps)), gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": drop, "interval": "step"}}
