@@ -11,8 +11,8 @@ and system time, minor page faults, max RSS and the run's own stage times (its "
 from __future__ import annotations
 
 import argparse
+import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,16 +32,19 @@ def run_once(root: Path, extra: list[str], run_dir: Path) -> dict:
     command = [sys.executable, "-m", "tiled_hydra", "+setup=ens9", "model=padim", "dataset=mvtec", f"dataset.root={root}",
                "dataset.category=coffee", "speed.enabled=false", "logger=none", "progress=false",
                f"hydra.run.dir={run_dir}", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"job failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    row = {"wall": wall, "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
-           "faults_M": (after.ru_minflt - before.ru_minflt) / 1e6, "max_rss_GiB": after.ru_maxrss / 2**20}
-    line = next((l for l in (done.stdout + done.stderr).splitlines() if "stages:" in l), "")
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (max RSS included)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        log = out.read()
+    if child.returncode != 0:
+        raise SystemExit(f"job failed ({child.returncode}): {(log.strip().splitlines() or ['?'])[-1]}")
+    row = {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "faults_M": usage.ru_minflt / 1e6,
+           "max_rss_GiB": usage.ru_maxrss / 2**20}
+    line = next((l for l in log.splitlines() if "stages:" in l), "")
     for stage in STAGES:
         found = re.search(rf"(?:^|; |stages: ){re.escape(stage)} ([\d.]+) s", line)
         row[stage] = float(found.group(1)) if found else float("nan")
@@ -66,7 +69,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     keys = ["wall", "user", "sys", "faults_M", "max_rss_GiB", *STAGES]
-    print(f"median of {args.repeats} runs each (max RSS: the largest of any child so far)\n")
+    print(f"median of {args.repeats} runs each\n")
     print("| configuration | " + " | ".join(keys) + " | wall of each run |")
     print("|---|" + "---|" * (len(keys) + 1))
     for name, runs in rows.items():

@@ -159,8 +159,9 @@ def main() -> None:
     parser.add_argument("--features", nargs="+", default=["per_tile", "whole_image"])
     parser.add_argument("--out", type=Path, default=Path("outputs/inference_benchmark"))
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. model.max_steps=20")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of --measure/--split (1: comparable on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.measure:
         measure_run_dirs(args.measure, args.repeats)
         return
