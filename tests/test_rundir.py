@@ -280,7 +280,9 @@ def test_padim_checkpoint_stores_the_triangle_exactly(compose_cfg, mvtec_root, t
     backbone = build_backbone(**{k: v for k, v in cfg.backbone.items()}, layers=list(cfg.model.net.layers))
     runner = SlotRunner(cfg, make_grid(cfg.setup), backbone, torch.device("cpu"), tmp_path / "checkpoints", {})
     model = runner.load(0)
-    whitening = model.model.whitening  # (P, D, D), lower-triangular
+    from tiled_hydra.models.padim.torch_model import join_row_blocks
+
+    whitening = join_row_blocks(model.model.whitening_blocks)  # (P, D, D), lower-triangular
     p, d, _ = whitening.shape
     state = torch.load(runner.checkpoint_path(0), weights_only=True)["state"]
     assert "model.whitening" not in state and state["model.whitening_tril"].shape == (p, d * (d + 1) // 2)

@@ -14,6 +14,7 @@ from torch import nn
 
 from tests.conftest import single_torch_thread
 from tiled_hydra.errors import ConfigError
+from tiled_hydra.models.padim.torch_model import row_block_bounds
 from tiled_hydra.scaling.counting import ComponentProbe, components, head_name, state_bytes
 from tiled_hydra.scaling.fit import Quadratic, holdout_error
 from tiled_hydra.scaling.study import check_resolutions
@@ -127,7 +128,8 @@ def test_components_of_every_model_come_from_names(model, expected):
     if model == "patchcore":
         slot.model.memory_bank = torch.zeros(3, 8)  # fitted state, so the head is named after it
     if model == "padim":
-        slot.model.whitening = torch.zeros(2, 3, 3)
+        for i, rows in enumerate((1, 1, 1)):  # the three row blocks of a 3 x 3 whitening
+            setattr(slot.model, f"whitening_{i}", torch.zeros(2, i + 1, rows))
     assert ComponentProbe(slot).names == expected
     assert list(components(slot))[0] == "backbone"
 
@@ -187,8 +189,10 @@ def test_study_writes_everything_and_padim_state_is_its_gaussians(tiny_study):
         side = record["resolution"]
         patches = (side // 4) ** 2  # finest stage of efficientnet_lite0: stride 4
         d = 100  # conf/model/padim.yaml n_features
-        # mean (P, D) + whitening (P, D, D) float32 + channel_index (D,) int64
-        assert record["components"]["whitening"]["state_bytes"] == patches * d * F32 + patches * d * d * F32 + d * 8
+        # mean (P, D) + whitening row blocks (P, b_i+1, b_i+1 - b_i) float32 + channel_index (D,) int64
+        bounds = row_block_bounds(d)
+        blocks = patches * sum(hi * (hi - lo) for lo, hi in zip(bounds, bounds[1:])) * F32
+        assert record["components"]["whitening"]["state_bytes"] == patches * d * F32 + blocks + d * 8
         assert record["peak_bytes"] >= record["state_bytes"]  # the whole step holds at least the resident state
         assert record["seconds"] > 0
 

@@ -23,6 +23,7 @@ layers: they appear only in the measured peak.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -69,11 +70,14 @@ def callables(module: nn.Module) -> list[nn.Module]:
 
 def head_name(model: nn.Module) -> str:
     """The head is named after the model's largest own table of fitted statistics: a floating-point
-    buffer or parameter with at least two non-singleton dimensions (PaDiM's ``whitening`` (P, D, D),
-    PatchCore's ``memory_bank`` (M, D)); index vectors and per-channel constants do not name it."""
-    tables = [(t.numel(), name) for name, t in [*model.named_buffers(recurse=False), *model.named_parameters(recurse=False)]
-              if t is not None and t.is_floating_point() and sum(s > 1 for s in t.shape) >= 2]
-    return max(tables)[1] if tables else HEAD
+    buffer or parameter with at least two non-singleton dimensions (PaDiM's ``whitening``,
+    PatchCore's ``memory_bank`` (M, D)); index vectors and per-channel constants do not name it.
+    A table held in numbered blocks (PaDiM's ``whitening_0``, ``whitening_1``, ...) is one table."""
+    sizes: dict[str, int] = defaultdict(int)
+    for name, t in [*model.named_buffers(recurse=False), *model.named_parameters(recurse=False)]:
+        if t is not None and t.is_floating_point() and sum(s > 1 for s in t.shape) >= 2:
+            sizes[re.sub(r"_\d+$", "", name)] += t.numel()
+    return max(sizes, key=sizes.get) if sizes else HEAD
 
 
 def components(slot: nn.Module) -> dict[str, nn.Module]:

@@ -19,20 +19,32 @@ def concat_stages(features: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([features[0]] + [F.interpolate(f, size=size, mode="nearest") for f in features[1:]], dim=1)
 
 
-def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
-    """(..., D, D) lower-triangular -> (..., D(D+1)/2): the triangle only, bit-exact."""
-    d = matrices.shape[-1]
-    rows, cols = torch.tril_indices(d, d)
-    return matrices[..., rows, cols].contiguous()
+# The whitening matrix W (lower-triangular, D x D per patch) is held as row blocks: block i is
+# W[rows b_i..b_{i+1}, columns 0..b_{i+1}] (transposed, contiguous), so the zeros above the diagonal
+# are mostly not stored or read. Three blocks keep 2/3 of the D x D floats and score a patch 2x
+# faster than the full matrix (a batch of matrix-vector products is memory-bound).
+ROW_BLOCKS = 3
 
 
-def unpack_lower(packed: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of :func:`pack_lower` (the upper triangle is exactly zero)."""
-    rows, cols = torch.tril_indices(d, d)
-    out = packed.new_zeros(*packed.shape[:-1], d, d)
-    out[..., rows, cols] = packed
+def row_block_bounds(d: int) -> list[int]:
+    """Row boundaries b_0 = 0 < ... <= b_k = D of the whitening's row blocks."""
+    return [round(d * i / ROW_BLOCKS) for i in range(ROW_BLOCKS + 1)]
+
+
+def block_tril_indices(d: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row block, the (column, row - b_i) positions of its lower-triangle entries, in the
+    row-major order of ``torch.tril_indices``; concatenated over blocks they enumerate the triangle."""
+    bounds, (rows, cols) = row_block_bounds(d), torch.tril_indices(d, d)
+    return [(cols[(rows >= lo) & (rows < hi)], rows[(rows >= lo) & (rows < hi)] - lo) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def join_row_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Row blocks -> the full lower-triangular (..., D, D) matrix."""
+    d = blocks[-1].shape[-2]
+    out = blocks[-1].new_zeros(*blocks[-1].shape[:-2], d, d)
+    for (lo, hi), block in zip(zip(row_block_bounds(d), row_block_bounds(d)[1:]), blocks):
+        out[..., lo:hi, :hi] = block.transpose(-1, -2)
     return out
-
 
 
 def run_chunks(work: Callable[[int], None], starts: range, device: torch.device) -> None:
@@ -44,6 +56,7 @@ def run_chunks(work: Callable[[int], None], starts: range, device: torch.device)
     else:
         for start in starts:
             work(start)
+
 
 class PadimModel(nn.Module):
     """Per-patch Gaussian statistics and the Mahalanobis anomaly map."""
@@ -57,7 +70,13 @@ class PadimModel(nn.Module):
         # Random channel subset, drawn from the (seeded) global RNG and kept in the checkpoint.
         self.register_buffer("channel_index", torch.randperm(total_channels)[:n_features].sort().values)
         self.register_buffer("mean", torch.empty(0))  # (P, D)
-        self.register_buffer("whitening", torch.empty(0))  # (P, D, D): inverse Cholesky factor of the covariance
+        # W = inverse Cholesky factor of the covariance, as row blocks whitening_0.. (see ROW_BLOCKS)
+        for i in range(ROW_BLOCKS):
+            self.register_buffer(f"whitening_{i}", torch.empty(0))
+
+    @property
+    def whitening_blocks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"whitening_{i}") for i in range(ROW_BLOCKS)]
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Backbone stages -> embedding (B, D, h, w) of the selected channels.
@@ -103,7 +122,8 @@ class PadimModel(nn.Module):
         eye = self.epsilon * torch.eye(d, dtype=torch.float64, device=flat.device)
         num_patches = flat.shape[-1]
         means = torch.empty(num_patches, d, device=flat.device)
-        whitening = torch.empty(num_patches, d, d, device=flat.device)
+        bounds = row_block_bounds(d)
+        blocks = [torch.empty(num_patches, hi, hi - lo, device=flat.device) for lo, hi in zip(bounds, bounds[1:])]
 
         def fit_chunk(start: int) -> None:
             x = flat[..., start : start + patches_per_chunk].permute(2, 0, 1).double()  # (p, N, D)
@@ -116,11 +136,14 @@ class PadimModel(nn.Module):
             identity = torch.eye(d, dtype=lower.dtype, device=lower.device).expand_as(lower)
             stop = start + len(x)
             means[start:stop] = mean.squeeze(1)
-            whitening[start:stop] = torch.linalg.solve_triangular(lower, identity, upper=False)
+            whitening = torch.linalg.solve_triangular(lower, identity, upper=False)
+            for block, (lo, hi) in zip(blocks, zip(bounds, bounds[1:])):
+                block[start:stop] = whitening[:, lo:hi, :hi].transpose(1, 2)
 
         run_chunks(fit_chunk, range(0, num_patches, patches_per_chunk), flat.device)
         self.mean = means
-        self.whitening = whitening
+        for i, block in enumerate(blocks):
+            setattr(self, f"whitening_{i}", block)
 
     def forward(self, embedding: torch.Tensor, output_size: tuple[int, int], patches_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding (B, D, h, w) -> anomaly map (B, H, W) and image score = max of the map.
@@ -130,15 +153,19 @@ class PadimModel(nn.Module):
         CPU the chunks run on ``torch.get_num_threads()`` threads: a batch of small matrix products
         uses one core (36,864 positions, batch 1: 280 -> 148 ms on 2 threads, bit-identical).
         """
-        b, _, h, w = embedding.shape
+        b, d, h, w = embedding.shape
         flat = embedding.flatten(2)  # (B, D, P)
-        squared = embedding.new_empty(h * w, b)
+        squared = embedding.new_zeros(h * w, b)
+        ends, blocks = row_block_bounds(d)[1:], self.whitening_blocks
 
         def score_chunk(start: int) -> None:
             stop = min(start + patches_per_chunk, h * w)
-            delta = flat[:, :, start:stop].permute(2, 0, 1) - self.mean[start:stop].unsqueeze(1)  # (p, B, D)
-            whitened = torch.bmm(delta, self.whitening[start:stop].transpose(1, 2))  # row b: W_p delta_pb
-            squared[start:stop] = whitened.square_().sum(-1)
+            # contiguous(): the difference keeps the permuted strides, and bmm on that layout takes a
+            # slow path (36,864 positions, batch 1: 2x slower; the results are bit-identical)
+            delta = (flat[:, :, start:stop].permute(2, 0, 1) - self.mean[start:stop].unsqueeze(1)).contiguous()  # (p, B, D)
+            total = squared[start:stop]
+            for end, block in zip(ends, blocks):  # |W delta|^2 summed over W's row blocks
+                total += torch.bmm(delta[:, :, :end], block[start:stop]).square_().sum(-1)
 
         run_chunks(score_chunk, range(0, h * w, patches_per_chunk), embedding.device)
         maps = squared.sqrt_().t().reshape(b, h, w)
@@ -147,12 +174,20 @@ class PadimModel(nn.Module):
 
     def pack_state(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         """Checkpoints keep the whitening matrix's lower triangle only (it is the inverse of a
-        Cholesky factor): half the bytes, bit-exact (165 -> 83 MB per 256 px slot, D = 100)."""
-        if state.get(prefix + "whitening", torch.empty(0)).dim() == 3:
-            state[prefix + "whitening_tril"] = pack_lower(state.pop(prefix + "whitening"))
+        Cholesky factor), in ``torch.tril_indices`` order: bit-exact (165 -> 83 MB per 256 px slot, D = 100)."""
+        names = [f"{prefix}whitening_{i}" for i in range(ROW_BLOCKS)]
+        if state.get(names[0], torch.empty(0)).dim() == 3:
+            blocks = [state.pop(name) for name in names]
+            positions = block_tril_indices(blocks[-1].shape[-2])
+            state[prefix + "whitening_tril"] = torch.cat([block[:, c, r] for block, (c, r) in zip(blocks, positions)], dim=1)
         return state
 
     def unpack_state(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         if prefix + "whitening_tril" in state:
-            state[prefix + "whitening"] = unpack_lower(state.pop(prefix + "whitening_tril"), len(state[prefix + "channel_index"]))
+            packed, d = state.pop(prefix + "whitening_tril"), len(state[prefix + "channel_index"])
+            bounds, offset = row_block_bounds(d), 0
+            for i, ((lo, hi), (c, r)) in enumerate(zip(zip(bounds, bounds[1:]), block_tril_indices(d))):
+                block = packed.new_zeros(len(packed), hi, hi - lo)
+                block[:, c, r] = packed[:, offset : offset + len(c)]
+                state[f"{prefix}whitening_{i}"], offset = block, offset + len(c)
         return state
