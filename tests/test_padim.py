@@ -8,7 +8,7 @@ from tiled_hydra.models.padim import Padim
 from tiled_hydra.models.padim.torch_model import PadimModel
 
 
-# threads 2: the fit's and the scoring's chunks run on a thread pool; d 2: a row block of the
+# threads 2: the fit's chunks run on a thread pool; d 2: a row block of the
 # whitening is empty (bounds 0, 1, 1, 2)
 @pytest.mark.parametrize("threads, d", [(1, 10), (2, 10), (1, 2)])
 def test_map_is_the_mahalanobis_distance_of_the_regularised_sample_covariance(threads, d):
@@ -26,7 +26,7 @@ def check_mahalanobis_map(d: int):
     train = torch.randn(30, d, 4, 4)
     model.fit(train, patches_per_chunk=5)  # chunks that do not divide 16 patches
     test = torch.randn(3, d, 4, 4)
-    maps, scores = model(test, (4, 4), patches_per_chunk=3)  # 6 chunks: on the pool with 2 threads
+    maps, scores = model(test, (4, 4), patches_per_chunk=3)  # 6 chunks, scored one after another
     assert torch.equal(maps, model(test, (4, 4), patches_per_chunk=16)[0])  # one chunk, no pool: bit-identical
 
     # Direct definition: torch.cov (unbiased) + epsilon I, explicit inverse, in float64.
