@@ -27,7 +27,7 @@ def check_mahalanobis_map(d: int):
     model.fit(train, patches_per_chunk=5)  # chunks that do not divide 16 patches
     test = torch.randn(3, d, 4, 4)
     maps, scores = model(test, (4, 4), patches_per_chunk=3)  # 6 chunks, scored one after another
-    assert torch.equal(maps, model(test, (4, 4), patches_per_chunk=16)[0])  # one chunk, no pool: bit-identical
+    assert torch.equal(maps, model(test, (4, 4), patches_per_chunk=16)[0])  # one chunk: bit-identical
 
     # Direct definition: torch.cov (unbiased) + epsilon I, explicit inverse, in float64.
     x = train.flatten(2).permute(2, 0, 1).double()

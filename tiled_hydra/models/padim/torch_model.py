@@ -159,7 +159,7 @@ class PadimModel(nn.Module):
         squared = embedding.new_zeros(h * w, b)
         ends, blocks = row_block_bounds(d)[1:], self.whitening_blocks
 
-        def score_chunk(start: int) -> None:
+        for start in range(0, h * w, patches_per_chunk):
             stop = min(start + patches_per_chunk, h * w)
             # contiguous(): the difference keeps the permuted strides, and bmm on that layout takes a
             # slow path (36,864 positions, batch 1: 2x slower; the results are bit-identical)
@@ -167,9 +167,6 @@ class PadimModel(nn.Module):
             total = squared[start:stop]
             for end, block in zip(ends, blocks):  # |W delta|^2 summed over W's row blocks
                 total += torch.bmm(delta[:, :, :end], block[start:stop]).square_().sum(-1)
-
-        for start in range(0, h * w, patches_per_chunk):
-            score_chunk(start)
         maps = squared.sqrt_().t().reshape(b, h, w)
         maps = gaussian_blur(upsample(maps, output_size), self.blur_sigma)
         return maps, maps.flatten(1).amax(dim=1)
