@@ -236,3 +236,62 @@ def test_a_slot_being_trained_elsewhere_is_waited_for(tmp_path, caplog):
         waiter.join(timeout=10)
     assert entered.is_set()
     assert any("another process" in r.getMessage() and "slot_003.pt" in r.getMessage() for r in caplog.records)
+
+
+# -- ensemble.workers: one command, its slots in W local processes ---------------------------------------
+@pytest.mark.parametrize("override,needle", [
+    ("ensemble.workers=0", "ensemble.workers=0: expected an integer >= 1"),
+    ("ensemble.workers=two", "ensemble.workers='two'"),
+])
+def test_bad_workers_are_one_line_errors(compose_cfg, mvtec_root, override, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(tiny(mvtec_root, override)))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_workers_are_refused_in_a_shard_job(compose_cfg, mvtec_root):
+    cfg = compose_cfg(tiny(mvtec_root, "ensemble.workers=2", "ensemble.num_shards=2", "ensemble.shard=0"))
+    with pytest.raises(ConfigError, match="takes ensemble.workers=1"):
+        validate(cfg)
+
+
+def test_worker_command_keeps_the_run_settings_and_sets_its_own():
+    from tiled_hydra.workers import worker_overrides
+
+    got = worker_overrides(["+setup=ens9", "model=efficient_ad", "model.max_steps=3", "ensemble.workers=2", "logger=wandb",
+                            "hydra.run.dir=/x", "~ensemble.stage"], 1, 2, Path("/ck"), Path("/x/.workers/shard_1"))
+    assert got[:3] == ["+setup=ens9", "model=efficient_ad", "model.max_steps=3"]
+    assert got[3:] == ["ensemble.shard=1", "ensemble.num_shards=2", "ensemble.workers=1", "ensemble.checkpoint_dir=/ck",
+                       "hydra.run.dir=/x/.workers/shard_1", "logger=none", "progress=false"]
+
+
+@pytest.mark.slow
+def test_two_workers_equal_the_sequential_run(mvtec_root, tmp_path):
+    run_dir, sequential = tmp_path / "workers", tmp_path / "sequential"
+    proc = ok(python_m([*tiny(mvtec_root), "ensemble.workers=2", f"hydra.run.dir={run_dir}"]))
+    slots = records(run_dir / "checkpoints")
+    assert sorted(slots) == [0, 1, 2, 3]
+    worker_pids = {r["pid"] for k, r in slots.items() if r["shard"] == 1}
+    assert len({r["pid"] for r in slots.values()}) == 2 and worker_pids, "shard 1's slots were trained by the worker"
+    assert (run_dir / ".workers" / "shard_1" / "shard.json").is_file(), proc.stdout[-2000:]
+    ok(python_m([*tiny(mvtec_root), f"hydra.run.dir={sequential}"]))
+    parallel, reference = results(run_dir), results(sequential)
+    for key in METRICS:  # PaDiM: the same statistics, so exactly the same numbers
+        assert parallel[key] == reference[key], key
+    assert parallel["fingerprint"] == reference["fingerprint"]
+    assert parallel["resumed_slots"] == 0 and parallel["train_shards"] == 2  # trained by this command, in two processes
+    # Run again: everything is resumed, no worker needed to train anything.
+    ok(python_m([*tiny(mvtec_root), "ensemble.workers=2", f"hydra.run.dir={run_dir}", "skip_completed=false"]))
+    assert results(run_dir)["resumed_slots"] == 4
+
+
+@pytest.mark.slow
+def test_a_failing_worker_fails_the_run(mvtec_root, tmp_path):
+    # The worker's own run dir is taken (a live lock by this test process): the worker exits 1, so does the run.
+    from tiled_hydra.rundir import RunDirLock
+
+    run_dir = tmp_path / "run"
+    with RunDirLock(run_dir / ".workers" / "shard_1"):
+        proc = python_m([*tiny(mvtec_root), "ensemble.workers=2", f"hydra.run.dir={run_dir}"])
+    assert_one_line(proc, "worker for shard 1 exited with code 1")
+    assert not (run_dir / "results.json").exists()

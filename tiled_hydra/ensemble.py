@@ -46,6 +46,8 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 # Lightning says "`LightningModule.configure_optimizers` returned `None`, ...".
 warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`")
+# Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated torch API, once per process.
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 
 
 def slot_tiles(grid: TileGrid, shared: bool) -> list[list[int]]:

@@ -28,6 +28,7 @@ from tiled_hydra.postprocess import POSTPROCESS_FILE, cross_fit, fit_postprocess
 from tiled_hydra.report import write_overlays, write_region_recall_figure
 from tiled_hydra.rundir import checkpoint_dir, config_fingerprint, write_json_atomic
 from tiled_hydra.tiling import TileGrid
+from tiled_hydra.workers import local_workers
 
 log = logging.getLogger("tiled_hydra")
 
@@ -213,7 +214,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if stage == "evaluate":
         records = require_trained(runner, cfg)
     else:
-        records = runner.train_all(data.train.images, report_slot)  # over all slots, resumed ones too
+        with local_workers(cfg, run_dir, runner.checkpoint_dir, len(runner.slots)) as workers:
+            if workers is not None:  # shard 0 here, the other shards in the worker processes
+                runner.train_all(data.train.images, report_slot, slots=shard_slots(len(runner.slots), 0, workers.workers), shard=0)
+                workers.wait()  # each shard's slots are its own process's: a failed worker fails the run here
+            records = runner.train_all(data.train.images, report_slot)  # over all slots, resumed ones too
+        if workers is not None:
+            records = workers.mark_trained_here(records)
     train = summarize(records)
     stages.done("train")
 

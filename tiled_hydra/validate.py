@@ -204,6 +204,11 @@ def check_ensemble(cfg: DictConfig) -> None:
                           f"(ensemble.num_shards={num_shards})")
     if shard is not None and stage == "evaluate":
         raise ConfigError("ensemble.shard with ensemble.stage=evaluate: a shard only trains; evaluate without ensemble.shard")
+    if _get(cfg, "ensemble.workers") is not None:
+        check_int(cfg, "ensemble.workers", 1)
+        if _get(cfg, "ensemble.workers") > 1 and (shard is not None or stage == "train"):
+            raise ConfigError("ensemble.workers > 1 trains and evaluates one run on this machine; a training-only or shard "
+                              "job (ensemble.shard, ensemble.stage=train) takes ensemble.workers=1")
     directory = _get(cfg, "ensemble.checkpoint_dir")
     if directory is not None and (not isinstance(directory, str) or not directory.strip()):
         raise ConfigError(f"ensemble.checkpoint_dir={_show(directory)}: expected a directory path or null")
