@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,35 @@ def test_a_failing_worker_fails_the_run(mvtec_root, tmp_path):
         proc = python_m([*tiny(mvtec_root), "ensemble.workers=2", f"hydra.run.dir={run_dir}"])
     assert_one_line(proc, "worker for shard 1 exited with code 1")
     assert not (run_dir / "results.json").exists()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_killing_the_command_kills_its_workers_and_a_rerun_resumes(mvtec_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*tiny(mvtec_root, "model=fastflow", "model.max_steps=40"), "ensemble.workers=2", f"hydra.run.dir={run_dir}"]
+    worker_lock = run_dir / ".workers" / "shard_1" / ".lock"
+    log = (tmp_path / "run.log").open("w")
+    parent = subprocess.Popen([sys.executable, "-m", "tiled_hydra", *args], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: worker_lock.exists() and worker_lock.read_text().strip().isdigit(), parent)
+        worker = int(worker_lock.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30  # the kernel sends the worker SIGTERM when its parent dies
+        while alive(worker):
+            assert time.monotonic() < deadline, "the worker outlived the killed command"
+            time.sleep(0.2)
+    finally:
+        parent.kill()
+        parent.wait()
+        log.close()
+    assert not (run_dir / "results.json").exists()
+    done = ok(python_m(args))
+    assert results(run_dir)["num_models"] == 4, done.stdout[-1000:]
