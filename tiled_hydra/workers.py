@@ -57,7 +57,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Workers:
     """W-1 running worker processes of this run (see module doc)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, checkpoints: Path, workers: int, task_overrides: list[str]):
+    def __init__(self, run_dir: Path, checkpoints: Path, workers: int, task_overrides: list[str]):
         self.workers = workers
         self.threads = max(1, torch.get_num_threads() // workers)
         self.started = time.time()
@@ -123,7 +123,8 @@ def torch_threads(count: int):
 
 @contextmanager
 def local_workers(cfg: DictConfig, run_dir: Path, checkpoints: Path, num_slots: int):
-    """The run's workers while its slots train (None when ``ensemble.workers`` is 1); stopped on any error."""
+    """The run's workers while its slots train (None when ``ensemble.workers`` is 1); the caller waits for
+    them (``Workers.wait``); on any error they are stopped."""
     workers = min(int(cfg.get("ensemble", {}).get("workers", 1) or 1), num_slots)
     if workers <= 1:
         yield None
@@ -134,10 +135,9 @@ def local_workers(cfg: DictConfig, run_dir: Path, checkpoints: Path, num_slots: 
         task_overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
         raise ConfigError("ensemble.workers > 1 starts workers from the command line: run python -m tiled_hydra") from None
-    group = Workers(cfg, run_dir, checkpoints, workers, task_overrides)
+    group = Workers(run_dir, checkpoints, workers, task_overrides)
     try:
         with torch_threads(group.threads):
             yield group
-        group.wait()
     finally:
         group.stop()
