@@ -21,7 +21,7 @@ RESULT_KEYS = {
     "image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1", "train_peak_mem_bytes",
     "infer_peak_mem_bytes", "mem_kind", "train_seconds", "infer_seconds", "infer_images_per_second",
     "num_tiles", "num_models", "latency_ms", "throughput_images_per_second", "setup", "model", "backbone", "dataset", "category", "seed",
-    "resumed_slots", "checkpoint_bytes", "fingerprint",
+    "resumed_slots", "checkpoint_bytes", "fingerprint", "merge_score",
 }
 # The paper's setups scaled down 8x (256 -> 32 px) so that a run takes seconds.
 TINY = {
@@ -77,7 +77,7 @@ def mvtec_root(tmp_path_factory) -> Path:
 def test_every_setup_runs_end_to_end(compose_cfg, mvtec_root, tmp_path, setup):
     cfg = compose_cfg(tiny_overrides(setup, mvtec_root))
     results = run(cfg, tmp_path)
-    assert RESULT_KEYS <= set(results)
+    assert RESULT_KEYS <= set(results) and results["merge_score"] == "mean"
     for key in ("image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1"):
         assert 0.0 <= results[key] <= 1.0, key
     expected_models = {"sm256": 1, "sm512": 1, "st4": 1, "st9": 1, "ens4": 4, "ens9": 9}[setup]

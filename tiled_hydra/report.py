@@ -51,6 +51,8 @@ def print_table(results: dict) -> None:
     counts = results.get("region_count_by_size", {})
     for label, recall in results.get("region_recall_by_size", {}).items():
         table.add_row(f"region recall {label}", "no region" if recall != recall else f"{recall:.3f} of {counts.get(label, '?')}")
+    if "merge_score" in results:
+        table.add_row("image score of tiles", str(results["merge_score"]))
     if "metrics_resolution" in results:
         table.add_row("pixel metrics at", str(results["metrics_resolution"]))
     table.add_row("train_seconds", f"{results['train_seconds']:.1f}")

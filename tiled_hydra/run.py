@@ -278,6 +278,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "slot_weights_bytes": int(slot_weight_bytes(runner.checkpoint_dir)),
         **speed,
         "num_tiles": grid.num_tiles,
+        "merge_score": str(cfg.merge.score),  # image score from tile scores: mean (paper 000 Eq. 5) or max
         "num_models": len(runner.slots),
         "setup": str(cfg.setup.name),
         "model": str(cfg.model.name),
