@@ -18,9 +18,9 @@ import torch
 from omegaconf import OmegaConf
 
 from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.metrics import _image_auroc
-from tiled_hydra.predict import load_run
-from tiled_hydra.run import make_grid
+from tiled_hydra.metrics.image import image_auroc
+from tiled_hydra.cli.predict import load_run
+from tiled_hydra.pipeline import make_grid
 from torchmetrics.functional.classification import binary_auroc
 
 OFF = 1e6  # range multiplier that turns a half's normalised term into (almost) a constant
@@ -44,7 +44,7 @@ def halves(run_dir: Path) -> list[dict]:
                 q[b] = q[a] + OFF * (q[b] - q[a])
             model.quantiles.copy_(q)
         maps, scores = trained.engine.predict(test.images, measure_memory=False)[0]
-        row = {"run": run_dir.name, "map": name, "image AUROC": _image_auroc(scores, test.labels)}
+        row = {"run": run_dir.name, "map": name, "image AUROC": image_auroc(scores, test.labels)}
         if test.masks is not None:
             row["pixel AUROC"] = float(binary_auroc(maps.flatten(), test.masks.flatten().long()))
         rows.append(row)

@@ -35,14 +35,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData
-from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.slots.trainer import SlotRunner
 from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.inference import engine_for
-from tiled_hydra.latency import measure_speed
-from tiled_hydra.metrics import _image_auroc, aupro
-from tiled_hydra.run import make_grid, run
+from tiled_hydra.inference.engine import engine_for
+from tiled_hydra.inference.latency import measure_speed
+from tiled_hydra.metrics.curves import aupro
+from tiled_hydra.metrics.image import image_auroc
+from tiled_hydra.pipeline import make_grid, run
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 HEADER = ("| model | setup | mode | features | latency ms | throughput img/s | infer peak MiB | slot weights MiB "
@@ -74,14 +75,14 @@ def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
     maps, scores = predictions[-1]
     speed = measure_speed(engine, data.test.images, warmup=int(cfg.speed.warmup), repeats=int(cfg.speed.repeats),
                           throughput_batch_size=int(cfg.speed.batch_size))
-    auroc = _image_auroc(scores, data.test.labels)
+    auroc = image_auroc(scores, data.test.labels)
     pro = aupro(maps, data.test.masks) if data.test.masks is not None else math.nan
     return speed["latency_ms"], speed["throughput_images_per_second"], peak, auroc, pro
 
 
 def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
     """Latency, throughput and peak memory of each run dir in each mode, in this one process."""
-    from tiled_hydra.predict import load_run
+    from tiled_hydra.cli.predict import load_run
 
     print("| run dir | setup | features | mode | latency ms | throughput img/s | infer peak MiB (test images) |\n|---|---|---|---|---|---|---|")
     for run_dir in run_dirs:
@@ -100,7 +101,7 @@ def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
 
 def backbone_step(engine, image: torch.Tensor) -> list[torch.Tensor]:
     """The stages of every tile of one image, as the engine computes them (whole image or per tile)."""
-    from tiled_hydra.inference import as_unit_float, cut_tile_features, run_backbone, whole_image_features
+    from tiled_hydra.inference.engine import as_unit_float, cut_tile_features, run_backbone, whole_image_features
 
     grid, every_tile = engine.grid, list(range(engine.grid.num_tiles))
     if engine.settings.features == "whole_image":
@@ -123,7 +124,7 @@ def split_run_dirs(run_dirs: list[Path], repeats: int) -> None:
     """Batch-1 time of the backbone and of the slot heads, measured apart, for each run dir (one process)."""
     import statistics
 
-    from tiled_hydra.predict import load_run
+    from tiled_hydra.cli.predict import load_run
 
     print("| run dir | setup | features | backbone ms | heads ms | heads share | patch positions | slot weights MiB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -97,7 +97,7 @@ def train(method: str, model, images: torch.Tensor, batch_size: int) -> float:
 def evaluate(model, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
     from torchmetrics.functional.classification import binary_auroc
 
-    from tiled_hydra.metrics import aupro
+    from tiled_hydra.metrics.curves import aupro
 
     model.eval()
     maps, scores = [], []
@@ -134,8 +134,8 @@ def prepare_data(args) -> None:
 def measure_one(method: str, count: int, args) -> dict:
     """One fresh process: load, fit `count` images under PeakMemory, evaluate."""
     torch.set_num_threads(args.threads)
-    from tiled_hydra.backbone import build_backbone
-    from tiled_hydra.memory import PeakMemory
+    from tiled_hydra.models.backbone import build_backbone
+    from tiled_hydra.core.memory import PeakMemory
 
     data = torch.load(data_file(args), weights_only=True)
     images = data["train"][:count].clone()

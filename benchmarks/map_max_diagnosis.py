@@ -26,9 +26,9 @@ import torch
 from omegaconf import OmegaConf
 
 from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.metrics import _image_auroc
-from tiled_hydra.predict import load_run
-from tiled_hydra.run import make_grid
+from tiled_hydra.metrics.image import image_auroc
+from tiled_hydra.cli.predict import load_run
+from tiled_hydra.pipeline import make_grid
 
 
 def diagnose(run_dir: Path) -> dict:
@@ -51,9 +51,9 @@ def diagnose(run_dir: Path) -> dict:
     normal_max = whole[~defective].median() / inside[has_pixels].median()
     return {
         "run": str(run_dir),
-        "image AUROC (run's score)": _image_auroc(scores, test.labels),
-        "image AUROC (max of map)": _image_auroc(whole, test.labels),
-        "defect-only AUROC": _image_auroc(oracle, test.labels),
+        "image AUROC (run's score)": image_auroc(scores, test.labels),
+        "image AUROC (max of map)": image_auroc(whole, test.labels),
+        "defect-only AUROC": image_auroc(oracle, test.labels),
         "defective images with max in defect": (inside[has_pixels] >= outside[has_pixels]).float().mean().item(),
         "median inside/outside max (defective)": ratio.item(),
         "median normal max / median inside max": normal_max.item(),

@@ -22,10 +22,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tiled_hydra import evaluation
+from tiled_hydra.metrics import pixel as evaluation
 from tiled_hydra.data.base import Split
 from tiled_hydra.data.images import resize_mask
-from tiled_hydra.memory import PeakMemory
+from tiled_hydra.core.memory import PeakMemory
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from skimage import data
 
 from tests.conftest import CONF_DIR
-from tiled_hydra.backbone import _package_state_dict, build_backbone
+from tiled_hydra.models.backbone import _package_state_dict, build_backbone
 
 CAT_CLASSES = range(281, 286)
 # timm's native input size per variant (pretrained_cfg of tf_efficientnet_liteN)
@@ -57,7 +57,7 @@ def test_folded_batch_norms_give_the_unfolded_features(name, timm_name):
     for m in norms:
         m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
         m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
-    from tiled_hydra.backbone import fold_conv_batch_norms
+    from tiled_hydra.models.backbone import fold_conv_batch_norms
 
     fresh = build_backbone(name, timm_name, "none", [1, 2, 3], [0.5] * 3, [0.25] * 3, fold_batch_norm=False)
     fresh.net.load_state_dict(plain.net.state_dict())

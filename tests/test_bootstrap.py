@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tiled_hydra.bootstrap import PerImage, bootstrap_interval, image_auroc, load_per_image, paired_difference, pixel_aupro, save_per_image, stratified_draws
+from tiled_hydra.metrics.bootstrap import PerImage, bootstrap_interval, image_auroc, load_per_image, paired_difference, pixel_aupro, save_per_image, stratified_draws
 from tiled_hydra.data.base import Split
-from tiled_hydra.evaluation import pixel_metrics
+from tiled_hydra.metrics.pixel import pixel_metrics
 
 LABELS = np.array([0] * 20 + [1] * 20)
 PATHS = np.array([f"img_{i:02d}.png" for i in range(40)])

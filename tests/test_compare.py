@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from tests.test_run import write_mvtec
-from tiled_hydra import compare as cmp
-from tiled_hydra import datastats
+from tiled_hydra.analysis import compare as cmp
+from tiled_hydra.analysis import datastats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ def test_figures_6_and_7_from_the_grid_runs_alone(tmp_path):
     for setup in ("sm256", "ens4"):
         for category, share in (("a", 0.002), ("b", 0.02), ("c", 0.1)):
             write_job(root, fake_run(setup, "padim", category, 0, 0.9, defect_share=share), setup_config(setup))
-    from tiled_hydra import figures
+    from tiled_hydra.analysis import figures
 
     runs, _ = cmp.load_runs([str(root)])
     assert figures.defect_sizes_from_runs(runs) == {("mvtec", "a"): 0.002, ("mvtec", "b"): 0.02, ("mvtec", "c"): 0.1}
@@ -208,7 +208,7 @@ def test_datastats_defect_share_of_a_tiny_tree(tmp_path):
 
 
 def cmp_figures_stats(path: Path) -> dict:
-    from tiled_hydra.figures import load_datastats
+    from tiled_hydra.analysis.figures import load_datastats
 
     return load_datastats(path)
 
@@ -265,7 +265,7 @@ def test_intervals_and_paired_significance_from_per_image_records(tmp_path):
     40 images differs by exactly +50 pp in every draw (significant); an identical ranking by 0 (not)."""
     import numpy as np
 
-    from tiled_hydra.bootstrap import PER_IMAGE_FILE, save_per_image
+    from tiled_hydra.metrics.bootstrap import PER_IMAGE_FILE, save_per_image
 
     root = tmp_path / "multirun"
     labels = np.array([0] * 20 + [1] * 20)

@@ -5,8 +5,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import choices
-from tiled_hydra.backbone import build_backbone
-from tiled_hydra.tiling import TileGrid
+from tiled_hydra.models.backbone import build_backbone
+from tiled_hydra.core.tiling import TileGrid
 
 SETUPS = ["sm256", "sm512", "st4", "st9", "ens4", "ens9"]
 PAPER_GRID = {"sm256": (1, 1), "sm512": (1, 1), "st4": (4, 1), "st9": (9, 1), "ens4": (4, 4), "ens9": (9, 9)}

@@ -236,7 +236,7 @@ def mvtec_root(tmp_path_factory):
 @pytest.mark.slow  # six tiny end-to-end runs
 @pytest.mark.parametrize("setup", list(TINY))
 def test_every_setup_runs_end_to_end(compose_cfg, mvtec_root, tmp_path, setup):
-    from tiled_hydra.run import run
+    from tiled_hydra.pipeline import run
 
     cfg = compose_cfg(tiny_overrides(setup, mvtec_root) + ["model=ddad", "model.max_steps=2", "model.net.da_steps=1"])
     results = run(cfg, tmp_path)

@@ -385,7 +385,7 @@ def tiny64_overrides(setup: str, root: Path, cache: Path) -> list[str]:
 @pytest.mark.slow  # six tiny end-to-end runs
 @pytest.mark.parametrize("setup", list(TINY64))
 def test_every_setup_runs_end_to_end(compose_cfg, mvtec_root, cache_dir, tmp_path, setup):
-    from tiled_hydra.run import run
+    from tiled_hydra.pipeline import run
 
     results = run(compose_cfg(tiny64_overrides(setup, mvtec_root, cache_dir)), tmp_path)
     assert results["model"] == "efficient_ad"
@@ -398,7 +398,7 @@ def test_every_setup_runs_end_to_end(compose_cfg, mvtec_root, cache_dir, tmp_pat
 
 @pytest.mark.slow
 def test_resuming_retrains_only_the_missing_slot_to_the_same_result(compose_cfg, mvtec_root, cache_dir, tmp_path):
-    from tiled_hydra.run import run
+    from tiled_hydra.pipeline import run
 
     cfg = compose_cfg(tiny64_overrides("ens4", mvtec_root, cache_dir))
     reference = run(cfg, tmp_path)

@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tiled_hydra import evaluation
+from tiled_hydra.metrics import pixel as evaluation
 from tiled_hydra.data.base import Split
 from tiled_hydra.data.images import resize_mask
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.evaluation import pixel_metrics, resolve_resolution
-from tiled_hydra.metrics import compute_metrics
+from tiled_hydra.metrics.pixel import pixel_metrics, resolve_resolution
+from tiled_hydra.metrics.curves import compute_metrics
 
 
 def metrics_cfg(**overrides):
@@ -195,7 +195,7 @@ def test_resolution_setting():
                                       "metrics.fallback_resolution=-1", "metrics.region_size_bins=[0.1,0.01]",
                                       "metrics.region_size_bins=[]", "metrics.region_overlap=0", "metrics.strict_fpr_limit=2"])
 def test_bad_metrics_settings_are_refused_before_any_data_loads(compose_cfg, override):
-    from tiled_hydra.validate import validate
+    from tiled_hydra.config import validate
 
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         validate(compose_cfg(["+setup=sm256", override]))
@@ -204,7 +204,7 @@ def test_bad_metrics_settings_are_refused_before_any_data_loads(compose_cfg, ove
 @pytest.mark.parametrize("override", ["metrics.resolution=native", "metrics.resolution=setup", "metrics.resolution=1024",
                                       "metrics.resolution=[800,1200]"])
 def test_metrics_resolution_settings_compose(compose_cfg, override):
-    from tiled_hydra.validate import validate
+    from tiled_hydra.config import validate
 
     validate(compose_cfg(["+setup=sm256", override]))
 

@@ -12,12 +12,12 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.test_run import TINY, tiny_overrides, write_mvtec
-from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData
-from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.slots.trainer import SlotRunner
 from tiled_hydra.errors import ConfigError, instantiate_checked
-from tiled_hydra.inference import InferenceSettings, cut_tile_features, engine_for, whole_image_features
-from tiled_hydra.run import evaluate, make_grid, run
+from tiled_hydra.inference.engine import InferenceSettings, cut_tile_features, engine_for, whole_image_features
+from tiled_hydra.pipeline import evaluate, make_grid, run
 
 MODELS = ["padim", "padim_ipca", "patchcore", "fastflow", "reverse_distillation"]
 QUICK = {  # tiny budgets: the equality does not depend on how well a model learned

@@ -7,13 +7,13 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.test_run import tiny_overrides, write_mvtec
-from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.data.base import AnomalyData
-from tiled_hydra.ensemble import SlotRunner
+from tiled_hydra.slots.trainer import SlotRunner
 from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.inference import engine_for
-from tiled_hydra.latency import measure_speed, timed_seconds
-from tiled_hydra.run import evaluate, make_grid
+from tiled_hydra.inference.engine import engine_for
+from tiled_hydra.inference.latency import measure_speed, timed_seconds
+from tiled_hydra.pipeline import evaluate, make_grid
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tiled_hydra.merge import merge_labels, merge_scores, seam_band_mask, smooth_seams
-from tiled_hydra.tiling import TileGrid
+from tiled_hydra.core.merge import merge_labels, merge_scores, seam_band_mask, smooth_seams
+from tiled_hydra.core.tiling import TileGrid
 
 ST9 = TileGrid.create(512, 256, 128)  # seams at 128, 256, 384 on both axes
 ST4 = TileGrid.create(512, 256, 256)  # one seam at 256 on both axes

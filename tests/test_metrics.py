@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from tiled_hydra.metrics import aupro, compute_metrics
+from tiled_hydra.metrics.curves import aupro, compute_metrics
 
 # One 4x4 image. A = anomalous pixel of region A, B = of region B, the rest are normal.
 #   0.9A 0.6A 0.7  0.0

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import single_torch_thread
 from tests.test_run import TINY, tiny_overrides, write_mvtec
-from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.fastflow.torch_model import AffineCoupling
 from tiled_hydra.models.patchcore import knn
@@ -191,7 +191,7 @@ def mvtec_root(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("setup", list(TINY))
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_runs_in_every_setup(compose_cfg, mvtec_root, tmp_path, name, setup):
-    from tiled_hydra.run import run
+    from tiled_hydra.pipeline import run
 
     cfg = compose_cfg(tiny_overrides(setup, mvtec_root) + [f"model={name}", "model.max_steps=2"])
     results = run(cfg, tmp_path)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from tiled_hydra.data.images import Sample, read_split
-from tiled_hydra.overlays import crop_box, save_overlay, worst_spot
+from tiled_hydra.reporting.overlays import crop_box, save_overlay, worst_spot
 
 
 def test_worst_spot_is_the_missed_region_then_the_largest():

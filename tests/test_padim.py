@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.models.padim import Padim
 from tiled_hydra.models.padim.torch_model import PadimModel
 

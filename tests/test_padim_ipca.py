@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tiled_hydra.backbone import build_backbone
+from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.models.padim_ipca import PadimIPCA
 from tiled_hydra.models.padim_ipca.torch_model import IncrementalTruncatedPCA
 

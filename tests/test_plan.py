@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.plan import candidates, choose
+from tiled_hydra.scaling.plan import candidates, choose
 from tiled_hydra.scaling.fit import Quadratic
 from tiled_hydra.scaling.units import format_bytes, parse_bytes
-from tiled_hydra.tiling import TileGrid
+from tiled_hydra.core.tiling import TileGrid
 
 REPO = Path(__file__).resolve().parent.parent
 # memory 1 MB + 100 B/px^2 (about 25 B per pixel of a square side x); time 1 ms + 1 us/px^2
@@ -121,7 +121,7 @@ def compose_plan(overrides: list[str]):
     (["memory_budget=8GiB", "study=null", "resolutions=[128,-256,512]"], "resolutions must be positive integers"),
 ])
 def test_bad_inputs_are_one_line_config_errors(tmp_path, overrides, fragment):
-    from tiled_hydra.plan import plan_from_cfg
+    from tiled_hydra.scaling.plan import plan_from_cfg
 
     root = write_study(tmp_path)
     cfg = compose_plan(["model=padim", "image_size=512", f"study={root}", *overrides])
@@ -135,4 +135,4 @@ def test_command_reports_a_user_error_in_one_line(tmp_path):
     result = plan_cli("model=padim", "image_size=512", f"study={root}", "memory_budget=8")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert lines == ["tiled_hydra.plan: error: memory_budget=8: give a number with a unit, e.g. memory_budget=8GiB, 512MiB or 8GB"]
+    assert lines == ["tiled_hydra.scaling.plan: error: memory_budget=8: give a number with a unit, e.g. memory_budget=8GiB, 512MiB or 8GB"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tiled_hydra.postprocess import Postprocessor, cross_fit, f1_optimal_threshold, fit_postprocessor, stratified_folds
+from tiled_hydra.core.postprocess import Postprocessor, cross_fit, f1_optimal_threshold, fit_postprocessor, stratified_folds
 
 
 def test_f1_optimal_threshold_by_hand():

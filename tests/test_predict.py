@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.test_run import tiny_overrides, write_mvtec
-from tiled_hydra.postprocess import load_postprocessor
-from tiled_hydra.predict import main
-from tiled_hydra.run import TEST_PREDICTIONS_FILE, run
+from tiled_hydra.core.postprocess import load_postprocessor
+from tiled_hydra.cli.predict import main
+from tiled_hydra.pipeline import TEST_PREDICTIONS_FILE, run
 
 REPO = Path(__file__).resolve().parent.parent
 

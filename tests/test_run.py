@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_hydra.ensemble import SlotRunner
-from tiled_hydra.run import run
-from tiled_hydra.wandb_offline import read_offline_run
+from tiled_hydra.slots.trainer import SlotRunner
+from tiled_hydra.pipeline import run
+from tiled_hydra.analysis.wandb_reader import read_offline_run
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {

@@ -18,9 +18,9 @@ import torch
 from tests.test_run import REPO, tiny_overrides, write_mvtec
 from tiled_hydra.errors import ConfigError, DataError
 from tiled_hydra.rundir import config_fingerprint, differing_keys, identity, slot_fingerprint, temp_path
-from tiled_hydra.run import run
-from tiled_hydra.validate import validate
-from tiled_hydra.wandb_offline import read_offline_run
+from tiled_hydra.pipeline import run
+from tiled_hydra.config import validate
+from tiled_hydra.analysis.wandb_reader import read_offline_run
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
@@ -195,7 +195,7 @@ def test_validation_names_the_key(compose_cfg, mvtec_root, override, message):
 
 
 def test_every_shipped_option_validates(compose_cfg):
-    from tiled_hydra.validate import group_options
+    from tiled_hydra.config import group_options
 
     for group in ("model", "dataset", "backbone", "merge", "logger", "setup"):
         for option in group_options(group):
@@ -250,9 +250,9 @@ def test_damaged_checkpoints_are_moved_aside_and_retrained(compose_cfg, mvtec_ro
 
 
 def test_unreadable_checkpoint_is_one_line_naming_the_file(compose_cfg, mvtec_root, tmp_path):
-    from tiled_hydra.backbone import build_backbone
-    from tiled_hydra.ensemble import SlotRunner
-    from tiled_hydra.run import make_grid
+    from tiled_hydra.models.backbone import build_backbone
+    from tiled_hydra.slots.trainer import SlotRunner
+    from tiled_hydra.pipeline import make_grid
 
     cfg = compose_cfg(tiny_overrides("sm256", mvtec_root))
     backbone = build_backbone(**{k: v for k, v in cfg.backbone.items()}, layers=list(cfg.model.net.layers))
@@ -273,9 +273,9 @@ def test_temporary_names_are_unique(tmp_path):
 def test_padim_checkpoint_stores_the_triangle_exactly(compose_cfg, mvtec_root, tmp_path):
     cfg = compose_cfg(tiny_overrides("sm256", mvtec_root) + ["speed.enabled=false"])
     results = run(cfg, tmp_path)
-    from tiled_hydra.backbone import build_backbone
-    from tiled_hydra.ensemble import SlotRunner
-    from tiled_hydra.run import make_grid
+    from tiled_hydra.models.backbone import build_backbone
+    from tiled_hydra.slots.trainer import SlotRunner
+    from tiled_hydra.pipeline import make_grid
 
     backbone = build_backbone(**{k: v for k, v in cfg.backbone.items()}, layers=list(cfg.model.net.layers))
     runner = SlotRunner(cfg, make_grid(cfg.setup), backbone, torch.device("cpu"), tmp_path / "checkpoints", {})

@@ -120,7 +120,7 @@ def test_container_children_are_timed_and_named():
 def test_components_of_every_model_come_from_names(model, expected):
     from hydra.utils import instantiate
 
-    from tiled_hydra.backbone import build_backbone
+    from tiled_hydra.models.backbone import build_backbone
 
     cfg = compose_named("scaling", [f"model={model}"])
     backbone = build_backbone(**cfg.backbone, layers=list(cfg.model.net.layers))
@@ -209,7 +209,7 @@ def test_counted_memory_is_quadratic_in_the_side(tiny_study):
 def test_compare_draws_cross_model_figures_from_study_dirs(tiny_study, tmp_path):
     _, run_dir = tiny_study
     out = tmp_path / "cmp"
-    from tiled_hydra import compare
+    from tiled_hydra.analysis import compare
 
     compare.main([str(run_dir.parent), "--out", str(out)])  # the command's entry point, in-process
     for name in ("memory_extrapolated.png", "runtime_extrapolated.png", "peak_extrapolated.png", "max_resolution.md",
@@ -226,8 +226,8 @@ def test_experiment_paper_and_model_options_apply():
 def test_planned_tile_measured_for_real_stays_within_the_budget(tiny_study):
     """Plan a 256 px image under a budget the single model exceeds, then fit and measure a slot
     at the planned tile size: its measured whole-step peak stays under the budget."""
-    from tiled_hydra.backbone import build_backbone
-    from tiled_hydra.plan import choose, study_curves
+    from tiled_hydra.models.backbone import build_backbone
+    from tiled_hydra.scaling.plan import choose, study_curves
     from tiled_hydra.scaling.measure import measure_resolution
 
     study, run_dir = tiny_study

@@ -17,9 +17,9 @@ import pytest
 from tests.test_rundir import ENV, assert_one_line, wait_for
 from tests.test_run import REPO, tiny_overrides, write_mvtec
 from tests.test_sweeps import sbatch_script
-from tiled_hydra.ensemble import shard_slots, summarize
+from tiled_hydra.slots.trainer import shard_slots, summarize
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.validate import validate
+from tiled_hydra.config import validate
 
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "pixel_AUPRO_05", "pixel_AP", "image_F1", "pixel_F1")
 
@@ -218,7 +218,7 @@ def test_a_slot_being_trained_elsewhere_is_waited_for(tmp_path, caplog):
     import threading
     import time
 
-    from tiled_hydra.ensemble import SlotLock
+    from tiled_hydra.slots.trainer import SlotLock
 
     path = tmp_path / "slot_003.lock"
     entered = threading.Event()
@@ -227,7 +227,7 @@ def test_a_slot_being_trained_elsewhere_is_waited_for(tmp_path, caplog):
         with SlotLock(path):
             entered.set()
 
-    with caplog.at_level("INFO", logger="tiled_hydra.ensemble"):
+    with caplog.at_level("INFO", logger="tiled_hydra.slots.trainer"):
         with SlotLock(path):
             assert path.read_text() == str(os.getpid())
             waiter = threading.Thread(target=second)
@@ -257,7 +257,7 @@ def test_workers_are_refused_in_a_shard_job(compose_cfg, mvtec_root):
 
 
 def test_worker_command_keeps_the_run_settings_and_sets_its_own():
-    from tiled_hydra.workers import worker_overrides
+    from tiled_hydra.slots.workers import worker_overrides
 
     got = worker_overrides(["+setup=ens9", "model=efficient_ad", "model.max_steps=3", "ensemble.workers=2", "logger=wandb",
                             "hydra.run.dir=/x", "~ensemble.stage"], 1, 2, Path("/ck"), Path("/x/.workers/shard_1"))

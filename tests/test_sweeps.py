@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, choices
-from tiled_hydra.tiling import TileGrid
+from tiled_hydra.core.tiling import TileGrid
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = [s for s in choices("sweep") if not s.startswith("_")]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tiled_hydra.tiling import TileGrid
+from tiled_hydra.core.tiling import TileGrid
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_tile_subset_equals_the_same_tiles_of_the_full_tiling():
 
 
 def test_lazy_tiles_are_the_slot_tiles_in_image_major_order():
-    from tiled_hydra.ensemble import LazyTiles, iter_tile_batches
+    from tiled_hydra.slots.trainer import LazyTiles, iter_tile_batches
 
     grid = TileGrid.create(64, 32, 16)
     x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)

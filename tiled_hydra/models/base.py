@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.errors import ConfigError
 
 BACKBONE_PREFIX = "backbone."
@@ -44,6 +44,10 @@ class AnomalyModule(L.LightningModule):
     #: True: embed(tiles) == embed_features(backbone(tiles)) and predict_tiles(tiles) ==
     #: predict_features(backbone(tiles), tile size); the slot never sees pixels otherwise.
     backbone_features: bool = False
+    #: True: the slot's tiles are embedded once (``embed``/``embed_features``) and the training steps
+    #: see batches of those embeddings; False: they see batches of raw tiles in [0, 1] and embed them
+    #: themselves (models that fold every batch into fixed-size statistics, or train on pixels).
+    cache_embeddings: bool = True
 
     def __init__(self, backbone: FrozenBackbone):
         super().__init__()

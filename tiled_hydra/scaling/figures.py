@@ -15,12 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tiled_hydra.scaling.study import RESULT_FILE, curve_of  # noqa: E402
+from tiled_hydra.scaling.study import MODEL_ORDER, curve_of, find_studies, max_resolution_table  # noqa: E402
 from tiled_hydra.scaling.units import format_bytes  # noqa: E402
 
 MIB, GIB = 2**20, 2**30
 DPI = 120
-MODEL_ORDER = ("padim", "padim_ipca", "patchcore", "fastflow", "reverse_distillation", "efficient_ad", "ddad")
 KIND = {"cuda": "GPU allocator peak", "rss": "CPU: resident memory above start + resident state"}
 
 
@@ -71,20 +70,6 @@ def study_figures(study: dict, out: Path) -> list[Path]:
 
 
 # -- several studies ------------------------------------------------------------------------------
-def find_studies(sources: list[str]) -> list[dict]:
-    """Every completed study (scaling.json) below the given directories, one per (model, backbone)
-    (the latest file wins)."""
-    found: dict[tuple, dict] = {}
-    for source in sources:
-        path = Path(source)
-        files = [path] if path.is_file() and path.name == RESULT_FILE else sorted(path.rglob(RESULT_FILE)) if path.is_dir() else []
-        for file in sorted(files, key=lambda p: p.stat().st_mtime):
-            study = json.loads(file.read_text())
-            study["source"] = str(file.parent)
-            found[study["model"], study["backbone"]] = study
-    return sorted(found.values(), key=lambda s: (MODEL_ORDER.index(s["model"]) if s["model"] in MODEL_ORDER else 99, s["model"]))
-
-
 def _label(study: dict, several_backbones: bool) -> str:
     return f"{study['model']} ({study['backbone']})" if several_backbones else study["model"]
 
@@ -146,7 +131,6 @@ def extrapolated(studies: list[dict], out: Path, quantity: str, scale: float, yl
 
 def table_rows(studies: list[dict], quantity: str) -> list[dict]:
     """Max-resolution rows recomputed from each study's fits and settings (same rule for old files)."""
-    from tiled_hydra.scaling.study import max_resolution_table
 
     return [row for s in studies for row in max_resolution_table(
         s, s["settings"]["memory_sizes"], s["settings"]["tile_size"], s["settings"]["tiled_bytes_per_pixel"], quantity)]

@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tiled_hydra.backbone import FrozenBackbone
-from tiled_hydra.ensemble import SlotRunner
-from tiled_hydra.memory import PeakMemory, release_host_memory
+from tiled_hydra.models.backbone import FrozenBackbone
+from tiled_hydra.core.memory import PeakMemory, release_host_memory
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.scaling.counting import ComponentProbe
-from tiled_hydra.tiling import TileGrid
 
 log = logging.getLogger("tiled_hydra")
 
@@ -42,7 +40,7 @@ def generated_images(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def single_model_cfg(cfg: DictConfig, resolution: int, train_steps: int) -> DictConfig:
-    """The study's config as a single-model run at ``resolution`` (what SlotRunner expects).
+    """The study's config as a single-model run at ``resolution`` (what :func:`tiled_hydra.build.build_run` expects).
 
     Unresolved copy first: model options that follow the tile (``${setup.tile_size}``) see R."""
     run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
@@ -55,20 +53,19 @@ def single_model_cfg(cfg: DictConfig, resolution: int, train_steps: int) -> Dict
     return run_cfg
 
 
-def fit_slot(cfg: DictConfig, backbone: FrozenBackbone, resolution: int, device: torch.device,
-             trainer_kwargs: dict, checkpoint_dir) -> tuple[AnomalyModule, str]:
+def fit_slot(cfg: DictConfig, backbone: FrozenBackbone, resolution: int, device: torch.device, checkpoint_dir) -> tuple[AnomalyModule, str]:
     """A slot fitted at ``resolution``; returns it in eval mode on ``device`` and how its state was made."""
     train_steps = int(cfg.train_steps)
-    run_cfg = single_model_cfg(cfg, resolution, train_steps)
-    grid = TileGrid.create(resolution, resolution, resolution)
-    runner = SlotRunner(run_cfg, grid, backbone, device, checkpoint_dir, trainer_kwargs)
-    model = runner.new_model(0)
+    from tiled_hydra.build import build_run
+
+    run = build_run(single_model_cfg(cfg, resolution, train_steps), checkpoint_dir, backbone=backbone, device=device)
+    model = run.trainer.new_model(0)
     if model.trainable and train_steps <= 0:
         how = "initial weights (not trained)"
     else:
         images = generated_images(int(cfg.n_train), resolution, int(cfg.seed))
         del model
-        model = runner.fit_slot(0, images)
+        model = run.trainer.fit(0, images)
         how = f"trained {train_steps} steps on {cfg.n_train} generated images" if model.trainable else \
             f"fitted on {cfg.n_train} generated images"
     return model.to(device).eval(), how
@@ -125,9 +122,9 @@ def measure_slot(slot: AnomalyModule, resolution: int, device: torch.device, war
 
 
 def measure_resolution(cfg: DictConfig, backbone: FrozenBackbone, resolution: int, device: torch.device,
-                       trainer_kwargs: dict, checkpoint_dir, warmup: int, repeats: int) -> dict:
+                       checkpoint_dir, warmup: int, repeats: int) -> dict:
     start = time.perf_counter()
-    slot, how = fit_slot(cfg, backbone, resolution, device, trainer_kwargs, checkpoint_dir)
+    slot, how = fit_slot(cfg, backbone, resolution, device, checkpoint_dir)
     fit_seconds = time.perf_counter() - start
     record = measure_slot(slot, resolution, device, warmup, repeats, int(cfg.seed))
     record["fit_seconds"] = round(fit_seconds, 3)

@@ -10,6 +10,7 @@ Files (written when complete; ``scaling.json`` last, atomically):
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -18,13 +19,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tiled_hydra.backbone import build_backbone
 from tiled_hydra.errors import ConfigError
+from tiled_hydra.rundir import write_json_atomic
 from tiled_hydra.scaling.fit import Quadratic, holdout_error
 from tiled_hydra.scaling.units import format_bytes, parse_bytes
 
 log = logging.getLogger("tiled_hydra")
 
+MODEL_ORDER = ("padim", "padim_ipca", "patchcore", "fastflow", "reverse_distillation", "efficient_ad", "ddad")
 RESULT_FILE = "scaling.json"
 #: totals that are fitted, beside every component's counted bytes and seconds
 TOTALS = ("counted_bytes", "peak_bytes", "seconds")
@@ -157,21 +159,16 @@ def settings(cfg: DictConfig, device: torch.device, warmup: int, repeats: int) -
 
 
 def run_study(cfg: DictConfig, run_dir: Path) -> dict:
-    from tiled_hydra.report import write_json_atomic
-    from tiled_hydra.run import resolve_device
-    from tiled_hydra.scaling.figures import study_figures
+    from tiled_hydra.build import build_frozen_backbone, resolve_device
     from tiled_hydra.scaling.measure import measure_resolution
 
     device = resolve_device(str(cfg.trainer.accelerator))
     warmup, repeats = timing_protocol(cfg, device)
     info = settings(cfg, device, warmup, repeats)
-    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers),
-                              fold_batch_norm=False)  # the published architecture's layers are counted
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
+    backbone = build_frozen_backbone(cfg, fold_batch_norm=False)  # the published architecture's layers are counted
     records = []
     for side in info["resolutions"]:
-        record = measure_resolution(cfg, backbone, side, device, trainer_kwargs, run_dir / "checkpoints", warmup, repeats)
+        record = measure_resolution(cfg, backbone, side, device, run_dir / "checkpoints", warmup, repeats)
         records.append(record)
         log.info("%s %d px: counted %s, peak %s (%s), %.3f s/image, state: %s", cfg.model.name, side,
                  format_bytes(record["counted_bytes"]), format_bytes(record["peak_bytes"]), record["mem_kind"],
@@ -191,8 +188,25 @@ def run_study(cfg: DictConfig, run_dir: Path) -> dict:
                                                                info["tiled_bytes_per_pixel"], quantity)]
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "checkpoints").is_dir() and not any((run_dir / "checkpoints").iterdir()):
-        (run_dir / "checkpoints").rmdir()  # SlotRunner makes it; the study saves no slot
+        (run_dir / "checkpoints").rmdir()  # the slot store makes it; the study saves no slot
     write_csvs(run_dir, study)
-    study["figures"] = [str(p.name) for p in study_figures(study, run_dir)]
-    write_json_atomic(run_dir / RESULT_FILE, study)  # last: its presence means the study completed
     return study
+
+
+def save_study(run_dir: Path, study: dict) -> None:
+    """RUN_DIR/scaling.json, written last: its presence means the study completed."""
+    write_json_atomic(Path(run_dir) / RESULT_FILE, study)
+
+
+def find_studies(sources: list[str]) -> list[dict]:
+    """Every completed study (scaling.json) below the given directories, one per (model, backbone)
+    (the latest file wins)."""
+    found: dict[tuple, dict] = {}
+    for source in sources:
+        path = Path(source)
+        files = [path] if path.is_file() and path.name == RESULT_FILE else sorted(path.rglob(RESULT_FILE)) if path.is_dir() else []
+        for file in sorted(files, key=lambda p: p.stat().st_mtime):
+            study = json.loads(file.read_text())
+            study["source"] = str(file.parent)
+            found[study["model"], study["backbone"]] = study
+    return sorted(found.values(), key=lambda s: (MODEL_ORDER.index(s["model"]) if s["model"] in MODEL_ORDER else 99, s["model"]))

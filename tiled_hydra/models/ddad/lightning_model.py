@@ -9,18 +9,12 @@ training tiles (half of each batch reconstructed, conditioned on the other half)
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.backbone import FrozenBackbone
+from tiled_hydra.core.tiling import as_pair
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.ddad.torch_model import DDADModel
-
-
-def as_pair(size) -> tuple[int, int]:
-    if isinstance(size, (DictConfig, ListConfig)):
-        size = OmegaConf.to_container(size)
-    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[-1]))
 
 
 class DDAD(AnomalyModule):

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiled_hydra.backbone import FrozenBackbone
-from tiled_hydra.models.common import gaussian_blur
+from tiled_hydra.models.backbone import FrozenBackbone
+from tiled_hydra.core.filters import gaussian_blur
 from tiled_hydra.models.ddad.unet import DenoisingUNet
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.models.common import upsample
+from tiled_hydra.core.filters import upsample
 
 
 def normalize(feature: torch.Tensor) -> torch.Tensor:

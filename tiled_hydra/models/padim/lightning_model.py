@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import CollectingModule
 from tiled_hydra.models.padim.torch_model import PadimModel
 

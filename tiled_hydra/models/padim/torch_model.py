@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.models.common import gaussian_blur, upsample
+from tiled_hydra.core.filters import gaussian_blur, upsample
 
 
 def concat_stages(features: list[torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.padim_ipca.torch_model import PadimIPCAModel
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.models.common import gaussian_blur, upsample
+from tiled_hydra.core.filters import gaussian_blur, upsample
 from tiled_hydra.models.padim.torch_model import concat_stages
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.models.common import gaussian_blur, upsample
+from tiled_hydra.core.filters import gaussian_blur, upsample
 from tiled_hydra.models.patchcore import knn
 from tiled_hydra.models.patchcore.coreset import coreset_size, greedy_coreset
 

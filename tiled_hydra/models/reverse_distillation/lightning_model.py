@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiled_hydra.backbone import FrozenBackbone
+from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.reverse_distillation.torch_model import ReverseDistillationModel
 

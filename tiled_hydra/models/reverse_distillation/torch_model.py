@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.models.common import gaussian_blur, upsample
+from tiled_hydra.core.filters import gaussian_blur, upsample
 
 
 def match_size(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:

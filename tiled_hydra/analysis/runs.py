@@ -1,4 +1,4 @@
-"""Run records shared by ``tiled_hydra.compare`` (tables) and ``tiled_hydra.figures`` (figures).
+"""Run records shared by ``tiled_hydra.compare`` (tables) and ``tiled_hydra.analysis.figures`` (figures).
 
 A record is one finished run: its results keys, image/tile size and study from its config,
 and ``settings`` (its flattened configuration).  Runs that share an identity (dataset,
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from tiled_hydra.errors import ConfigError
+
 PAPER_SETUPS = ("sm256", "sm512", "st4", "st9", "ens4", "ens9")  # row order of paper Tables 1-2
 PAPER_MODELS = ("patchcore", "padim", "fastflow", "reverse_distillation")  # column order
 TABLE_METRICS = ("image_AUROC", "pixel_AUPRO")
@@ -21,8 +23,8 @@ NEUTRAL_PREFIXES = ("logger.", "hydra.", "dataset.root", "backbone.weights", "re
 NEUTRAL_KEYS = {"skip_completed", "keep_checkpoints", "progress", "speed.enabled"}
 
 
-class CompareError(Exception):
-    """A bad SOURCE or option: the message is the one line the user sees."""
+class CompareError(ConfigError):
+    """A bad source or option: the message is the one line the user sees."""
 
 
 def paper_order(values, preferred) -> list[str]:

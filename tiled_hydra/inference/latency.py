@@ -5,7 +5,7 @@ then timed steps; latency at batch size 1 (mean time of one step), throughput at
 size (timed images / timed seconds).  ``warmup`` and ``repeats`` count *images* in both
 measurements, so the throughput measurement costs about as much as the latency one.
 
-The timed step is one call of the run's own inference engine (:mod:`tiled_hydra.inference`)
+The timed step is one call of the run's own inference engine (:mod:`tiled_hydra.inference.engine`)
 on a batch of uint8 images: tiling, every slot's model on its tiles, untiling (overlaps
 averaged), seam smoothing, image score, maps and scores in host memory.  The engine is built
 with its slot models read from their checkpoints once, before timing, and kept in host memory:

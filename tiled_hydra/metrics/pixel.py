@@ -10,7 +10,7 @@
 - ``auto`` (default): ``native`` when all test images share one size, else ``metrics.fallback_resolution``.
 
 Memory stays bounded. Up to ``EXACT_PIXEL_LIMIT`` evaluated pixels the curves are exact (one sort over
-every pixel, :mod:`tiled_hydra.metrics`). Beyond it, images are streamed one at a time into
+every pixel, :mod:`tiled_hydra.metrics.curves`). Beyond it, images are streamed one at a time into
 histograms over ``STREAM_THRESHOLDS`` thresholds (quantiles of a sample of the evaluated values):
 every curve point is exact at its threshold, only the set of thresholds is limited (results say
 ``pixel_thresholds``).
@@ -37,7 +37,7 @@ from scipy import ndimage
 from tiled_hydra.data.base import Split
 from tiled_hydra.data.images import read_mask, resize_mask
 from tiled_hydra.errors import ConfigError
-from tiled_hydra.metrics import PixelCurves, _aupro_of, average_precision, region_curves
+from tiled_hydra.metrics.curves import PixelCurves, aupro_of, average_precision, region_curves
 
 EXACT_PIXEL_LIMIT = 2**25  # ~1.3 GB for the exact sort (values, order, region ids)
 STREAM_THRESHOLDS = 2**16
@@ -290,8 +290,8 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
     f1_denominator = 2 * true_pos + false_pos + false_neg
     return {
         "pixel_AUROC": math.nan if curves is None else float(torch.trapezoid(curves.tpr, curves.fpr)),
-        "pixel_AUPRO": _aupro_of(curves, float(metrics_cfg.aupro_fpr_limit)),
-        "pixel_AUPRO_05": _aupro_of(curves, float(metrics_cfg.strict_fpr_limit)),
+        "pixel_AUPRO": aupro_of(curves, float(metrics_cfg.aupro_fpr_limit)),
+        "pixel_AUPRO_05": aupro_of(curves, float(metrics_cfg.strict_fpr_limit)),
         "pixel_AP": average_precision(curves),
         "pixel_F1": 2 * true_pos / f1_denominator if f1_denominator else 0.0,
         "region_recall_by_size": tally.recall(),

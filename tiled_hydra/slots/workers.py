@@ -23,9 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from tiled_hydra.errors import ConfigError, TiledHydraError
+from tiled_hydra.errors import TiledHydraError
 
 log = logging.getLogger("tiled_hydra")
 
@@ -122,20 +121,15 @@ def torch_threads(count: int):
 
 
 @contextmanager
-def local_workers(cfg: DictConfig, run_dir: Path, checkpoints: Path, num_slots: int):
-    """The run's workers while its slots train (None when ``ensemble.workers`` is 1); the caller waits for
-    them (``Workers.wait``); on any error they are stopped."""
-    workers = min(int(cfg.get("ensemble", {}).get("workers", 1) or 1), num_slots)
+def local_workers(workers: int, num_slots: int, run_dir: Path, checkpoints: Path, overrides: tuple[str, ...] | list[str]):
+    """The run's ``workers - 1`` worker processes while its slots train (None when one process is
+    enough); the caller waits for them (``Workers.wait``); on any error they are stopped.
+    ``overrides``: this command's own, which the workers repeat."""
+    workers = min(workers, num_slots)
     if workers <= 1:
         yield None
         return
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task_overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        raise ConfigError("ensemble.workers > 1 starts workers from the command line: run python -m tiled_hydra") from None
-    group = Workers(run_dir, checkpoints, workers, task_overrides)
+    group = Workers(run_dir, checkpoints, workers, list(overrides))
     try:
         with torch_threads(group.threads):
             yield group

@@ -1,7 +1,7 @@
 """Bootstrap intervals over test images, and the paired bootstrap that says whether two setups differ.
 
 Every run leaves ``per_image.npz`` next to results.json: image scores, labels and paths, and each
-test image's pixel histograms over 1024 thresholds (:func:`tiled_hydra.evaluation.pixel_metrics`).
+test image's pixel histograms over 1024 thresholds (:func:`tiled_hydra.metrics.pixel.pixel_metrics`).
 Drawing the test images again with replacement (stratified by label, so both classes stay present)
 and recomputing a metric on every draw gives its sampling distribution: the 95 % interval is the
 2.5 and 97.5 percentiles. Several seeds of one configuration are averaged inside every draw.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiled_hydra.metrics import area_up_to
+from tiled_hydra.metrics.curves import area_up_to
 
 PER_IMAGE_FILE = "per_image.npz"
 DRAWS = 1000

@@ -2,59 +2,46 @@
 
 Logged: the resolved config; per slot its training loss curve (``slot_000/train_loss`` against
 ``slot_000/step``), seconds and peak memory (resumed slots from their records); the results
-(summary, and a one-row table); the overlay images.
+(summary, and a one-row table); the overlay images. ``logger=none`` logs nothing and never
+imports wandb.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 
-def read_slot_records(checkpoint_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(Path(checkpoint_dir).glob("slot_*.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except ValueError:
-            continue
-    return records
-
-
 class NoTracker:
-    def log_slots(self, records: list[dict]) -> None:
-        pass
-
-    def log_results(self, results: dict) -> None:
-        pass
-
-    def log_overlays(self, paths: list[Path]) -> None:
-        pass
-
-    def finish(self, exit_code: int = 0) -> None:
+    def log_run(self, records: list[dict], results: dict, overlays: list[Path]) -> None:
         pass
 
 
 class WandbTracker:
-    def __init__(self, cfg: DictConfig, run_dir: Path, group: str | None):
+    def __init__(self, logger: DictConfig, cfg: DictConfig, run_dir: Path, group: str | None):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         self.run = wandb.init(
-            project=cfg.logger.project,
-            entity=cfg.logger.entity,
-            mode=cfg.logger.mode,
+            project=logger.project,
+            entity=logger.entity,
+            mode=logger.mode,
             dir=str(run_dir),
-            group=cfg.logger.group or group,
-            name=cfg.logger.run_name,
+            group=logger.group or group,
+            name=logger.run_name,
             job_type=str(cfg.setup.name) if "setup" in cfg else None,
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
         )
+
+    def log_run(self, records: list[dict], results: dict, overlays: list[Path]) -> None:
+        self.log_slots(records)
+        self.log_results(results)
+        self.log_overlays(overlays)
 
     def log_slots(self, records: list[dict]) -> None:
         """Each slot's loss curve on its own step axis, and its cost as summary values."""
@@ -81,7 +68,16 @@ class WandbTracker:
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(cfg: DictConfig, run_dir: Path, group: str | None):
-    if cfg.logger.backend == "none":
-        return NoTracker()
-    return WandbTracker(cfg, run_dir, group)
+@contextmanager
+def make_tracker(logger: DictConfig, cfg: DictConfig, run_dir: Path, group: str | None):
+    """The run's tracker for the ``with`` block: finished with exit code 1 if the block fails."""
+    if logger.backend == "none":
+        yield NoTracker()
+        return
+    tracker = WandbTracker(logger, cfg, run_dir, group)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tiled_hydra.bootstrap import DRAWS, PER_IMAGE_FILE, Difference, interval, load_per_image, seed_mean, stratified_draws
-from tiled_hydra.records import PAPER_MODELS, PAPER_SETUPS, TABLE_METRICS, paper_order
+from tiled_hydra.metrics.bootstrap import DRAWS, PER_IMAGE_FILE, Difference, interval, load_per_image, seed_mean, stratified_draws
+from tiled_hydra.analysis.runs import PAPER_MODELS, PAPER_SETUPS, TABLE_METRICS, paper_order
 
 BASELINE = "sm256"
 

@@ -7,13 +7,28 @@ in the merged map. Argument names follow the keys of ``conf/merge/*.yaml``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tiled_hydra.models.common import gaussian_blur
-from tiled_hydra.tiling import TileGrid
+from tiled_hydra.core.filters import gaussian_blur
+from tiled_hydra.core.tiling import TileGrid
 
 # Images blurred at once by smooth_seams: bounds the blur's temporaries to a few maps.
 _SMOOTHING_CHUNK = 16
+
+
+SCORES = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """``merge.*`` of the config."""
+
+    score: str = "mean"  # image score from tile scores: mean (Eq. 5) | max
+    seam_smoothing: bool = True
+    sigma: float = 2.0
+    width_fraction: float = 0.1
 
 
 def merge_scores(tile_scores: torch.Tensor, score: str = "mean") -> torch.Tensor:

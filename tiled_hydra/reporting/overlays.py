@@ -129,3 +129,40 @@ def save_overlay(path: Path, split: Split, index: int, norm_map: torch.Tensor, t
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def overlay_indices(scores: torch.Tensor, labels: torch.Tensor, count: int) -> list[tuple[int, str]]:
+    """The highest-scored defective images and the highest-scored normal ones (worst false alarms),
+    plus the lowest-scored defective ones (worst misses)."""
+    picks: list[tuple[int, str]] = []
+    defective = torch.nonzero(labels == 1).flatten()
+    normal = torch.nonzero(labels == 0).flatten()
+    if len(defective):
+        order = defective[scores[defective].argsort(descending=True)]
+        picks += [(int(i), "best_detected") for i in order[: max(1, count // 2)]]
+        picks += [(int(i), "worst_missed") for i in order.flip(0)[: max(1, count // 4)]]
+    if len(normal):
+        order = normal[scores[normal].argsort(descending=True)]
+        picks += [(int(i), "worst_false_alarm") for i in order[: max(1, count // 4)]]
+    seen, unique = set(), []
+    for i, tag in picks:
+        if i not in seen:
+            seen.add(i)
+            unique.append((i, tag))
+    return unique[:count]
+
+
+def write_overlays(run_dir: Path, test: Split, scores: torch.Tensor, norm_maps: torch.Tensor,
+                  pred_masks: torch.Tensor | None, overlays: int) -> list[Path]:
+    """Overlay PNGs (overlays.py) of the best-detected, worst-missed and worst false-alarm test images.
+    ``norm_maps`` are normalised so that the pixel threshold is 0.5 (``pred_masks`` is norm_maps >= 0.5)."""
+    overlay_dir = run_dir / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, tag in overlay_indices(scores, test.labels, overlays):
+        name = Path(test.paths[i]).stem if test.paths else str(i)
+        kind = test.defect_types[i] if test.defect_types else ("defect" if test.labels[i] else "good")
+        path = overlay_dir / f"{tag}_{kind}_{name}.png"
+        save_overlay(path, test, i, norm_maps[i], 0.5, f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
+        written.append(path)
+    return written

@@ -18,7 +18,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tiled_hydra.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The config groups: inside the installed package (the wheel ships conf/ as tiled_hydra/conf), or
+    the checkout's top-level conf/ (editable install, or run from a clone)."""
+    package = Path(__file__).resolve().parent
+    return package / "conf" if (package / "conf").is_dir() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 # Lightning.Trainer keys the model decides (conf/model/*.yaml): a duplicate would be a TypeError.
 MODEL_OWNED_TRAINER_KEYS = ("max_epochs", "max_steps")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -177,7 +184,7 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def check_metrics(cfg: DictConfig) -> None:
-    from tiled_hydra.evaluation import parse_size
+    from tiled_hydra.metrics.pixel import parse_size
 
     check_number(cfg, "metrics.aupro_fpr_limit", 0.0, 1.0, low_open=True)
     check_number(cfg, "metrics.strict_fpr_limit", 0.0, 1.0, low_open=True)

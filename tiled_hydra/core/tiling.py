@@ -16,11 +16,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    h, w = value
-    return int(h), int(w)
+def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A side length or [height, width] (a one-element list is a square) as (height, width)."""
+    if isinstance(value, (int, float)):
+        return int(value), int(value)
+    values = [int(v) for v in value]
+    if len(values) == 1:
+        return values[0], values[0]
+    h, w = values
+    return h, w
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class TileGrid:
 
     @classmethod
     def create(cls, image_size, tile_size, stride) -> "TileGrid":
-        grid = cls(_pair(image_size), _pair(tile_size), _pair(stride))
+        grid = cls(as_pair(image_size), as_pair(tile_size), as_pair(stride))
         grid.validate()
         return grid
 

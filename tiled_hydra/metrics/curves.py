@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
-from torchmetrics.functional.classification import binary_auroc, binary_f1_score
+
+from tiled_hydra.metrics.image import f1, image_metrics
 
 # Connected components within an image (8-connectivity), never across images of the stack.
 _EIGHT_CONNECTED_PER_IMAGE = np.zeros((3, 3, 3), dtype=bool)
@@ -136,33 +137,13 @@ def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> fl
     (or no normal) pixels.
     """
     _check_fpr_limit(fpr_limit)
-    return _aupro_of(pixel_curves(maps, masks), fpr_limit)
+    return aupro_of(pixel_curves(maps, masks), fpr_limit)
 
 
-def _aupro_of(curves: PixelCurves | None, fpr_limit: float) -> float:
+def aupro_of(curves: PixelCurves | None, fpr_limit: float) -> float:
     if curves is None:
         return math.nan
     return min(max(area_up_to(curves.fpr, curves.pro, fpr_limit), 0.0), 1.0)  # clip float round-off
-
-
-def _to_unit_interval(values: torch.Tensor) -> torch.Tensor:
-    """Min-max scale to [0, 1] in float64: torchmetrics applies a sigmoid to values outside
-    [0, 1], which saturates large raw scores (e.g. Mahalanobis distances) into ties."""
-    values = values.detach().double().reshape(-1)
-    span = values.max() - values.min()
-    return (values - values.min()) / span if span > 0 else torch.zeros_like(values)
-
-
-def _image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    labels = labels.reshape(-1).long()
-    if labels.min() == labels.max():
-        return math.nan  # AUROC needs both classes
-    return float(binary_auroc(_to_unit_interval(scores), labels))
-
-
-def _f1(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    # bool, not long: 8x less memory on ~26M pixels; binary by construction, so no value scan
-    return float(binary_f1_score(predicted.reshape(-1).bool(), target.reshape(-1).bool(), validate_args=False))
 
 
 def compute_metrics(
@@ -180,10 +161,7 @@ def compute_metrics(
     only when ``masks`` are given (then ``maps`` and ``pred_masks`` are required). Pixel
     AUROC is exact (the sorted sweep of :func:`pixel_curves`, no threshold binning).
     """
-    results = {
-        "image_AUROC": _image_auroc(image_scores, image_labels),
-        "image_F1": _f1(pred_image_labels, image_labels),
-    }
+    results = image_metrics(image_scores, image_labels, pred_image_labels)
     if masks is None:
         return results
     if maps is None or pred_masks is None:
@@ -191,6 +169,6 @@ def compute_metrics(
     _check_fpr_limit(fpr_limit)
     curves = pixel_curves(maps, masks)
     results["pixel_AUROC"] = math.nan if curves is None else float(torch.trapezoid(curves.tpr, curves.fpr))
-    results["pixel_AUPRO"] = _aupro_of(curves, fpr_limit)
-    results["pixel_F1"] = _f1(pred_masks, masks)
+    results["pixel_AUPRO"] = aupro_of(curves, fpr_limit)
+    results["pixel_F1"] = f1(pred_masks, masks)
     return results

@@ -1,4 +1,4 @@
-"""Small pieces of math shared by several models."""
+"""Map filters shared by the models and the merge: Gaussian blur and upsampling."""
 
 from __future__ import annotations
 
@@ -43,11 +43,3 @@ def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") 
     """(B, h, w) -> (B, H, W)."""
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(maps.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
-
-
-def fused_adam_options() -> dict:
-    """``fused=True`` where torch has fused Adam kernels for CPU and CUDA (>= 2.4): one kernel per
-    step instead of a Python loop over every parameter tensor (the loop was ~2 % of an EfficientAD
-    step on 2 CPU threads); older torch keeps its default."""
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return {"fused": True} if (major, minor) >= (2, 4) else {}

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tiled_hydra.records import PAPER_MODELS, PAPER_SETUPS, RESOLUTION_STUDY, CompareError, paper_order  # noqa: E402
+from tiled_hydra.analysis.runs import PAPER_MODELS, PAPER_SETUPS, RESOLUTION_STUDY, CompareError, paper_order  # noqa: E402
 
 MIB = 2**20
 DPI = 120

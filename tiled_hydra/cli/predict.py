@@ -1,0 +1,192 @@
+"""Score new images with a trained run: ``tiled-hydra-predict run_dir=DIR input=DIR_OR_GLOB``
+(``python -m tiled_hydra.predict``; options and their defaults: conf/predict.yaml, or ``--help``).
+
+Writes ``OUTPUT/maps/NAME.{png,npy}``, ``OUTPUT/overlays/NAME.png`` and ``OUTPUT/predictions.csv``
+(columns: docs/predict.md, and ``predictions.columns.txt`` beside the CSV), and ``OUTPUT/failed.csv``
+when some files could not be read. Images of any size, aspect or channel count are read and
+resized as the run's dataset did. Exit code 0 when every file was scored, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+
+from tiled_hydra.cli.common import run_command
+from tiled_hydra.core.postprocess import POSTPROCESS_FILE, Postprocessor, load_postprocessor
+from tiled_hydra.data.images import IMAGE_SUFFIXES, read_image, resize_image
+from tiled_hydra.errors import ConfigError, DataError
+
+log = logging.getLogger("tiled_hydra")
+PROG = "tiled_hydra.predict"
+USAGE = "usage: tiled-hydra-predict run_dir=RUN_DIR input=DIR_OR_GLOB [output=DIR] [key=value ...]"
+COLUMNS = ["path", "score", "normalized_score", "pred_label", "anomalous_area_px", "anomalous_area_fraction", "map", "overlay"]
+COLUMN_NOTES = {
+    "path": "the image file",
+    "score": "raw image score of the model (its own scale; compare with image_threshold in the run's postprocess.json)",
+    "normalized_score": "the score min-max normalised on validation data so that the image threshold is 0.5, clipped to [0, 1]",
+    "pred_label": "1 = anomalous (score >= image threshold), 0 = normal",
+    "anomalous_area_px": "pixels of the map (at the image's own size) at or above the pixel threshold",
+    "anomalous_area_fraction": "anomalous_area_px / image pixels",
+    "map": "the anomaly map file (png: normalised, pixel threshold at 32768 of 65535; npy: raw float32)",
+    "overlay": "the overlay picture: image, map with colour bar, predicted region outlined, score and label",
+}
+
+
+def check_options(args: DictConfig) -> None:
+    if args.maps not in ("png", "npy"):
+        raise ConfigError(f"maps={args.maps}: choose png or npy")
+    if not isinstance(args.batch_size, int) or isinstance(args.batch_size, bool) or args.batch_size < 1:
+        raise ConfigError(f"batch_size={args.batch_size!r}: expected an integer >= 1")
+    if args.mode not in (None, "sequential", "resident"):
+        raise ConfigError(f"mode={args.mode}: choose sequential or resident")
+    if args.device not in (None, "auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"device={args.device}: choose auto, cpu or gpu")
+
+
+def writable_output(out: Path, run_dir: Path) -> None:
+    """``out`` created and writable, outside the run dir; checked before any model loads."""
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise ConfigError(f"output={out} is inside the run dir, which predict never modifies; choose another folder")
+    try:
+        for sub in ("maps", "overlays"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output={out} is not writable ({err.strerror or type(err).__name__}); choose another folder") from None
+
+
+def list_inputs(pattern: str) -> tuple[list[Path], Path]:
+    """Files to score (sorted) and the folder their output names are relative to."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        base = path
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        base = Path(os.path.commonpath([str(f.parent) for f in files])) if files else path.parent
+    if not files:
+        raise DataError(f"input={pattern}: no image files found")
+    return files, base
+
+
+def output_name(path: Path, base: Path) -> str:
+    """Unique per input: its path below ``base`` without suffix, folders joined by '__'."""
+    return "__".join(path.relative_to(base).with_suffix("").parts)
+
+
+def heatmap_overlay(image: np.ndarray, normalized: np.ndarray) -> Image.Image:
+    """RGB image (h, w, 3) uint8 half-blended with the jet colours of the normalised map."""
+    from matplotlib import colormaps
+
+    heat = colormaps["jet"](normalized)[..., :3] * 255
+    return Image.fromarray(np.clip(0.5 * image + 0.5 * heat, 0, 255).astype(np.uint8))
+
+
+def write_outputs(out: Path, name: str, image: Image.Image, raw_map: torch.Tensor, post: Postprocessor, maps_format: str) -> dict:
+    """Map and overlay at the image's own size; the row's per-pixel figures."""
+    own = F.interpolate(raw_map[None, None], size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
+    normalized = post.normalize_maps(own).numpy()
+    if maps_format == "npy":
+        map_file = out / "maps" / f"{name}.npy"
+        np.save(map_file, own.numpy().astype(np.float32))
+    else:
+        map_file = out / "maps" / f"{name}.png"
+        Image.fromarray(np.rint(normalized * 65535).astype(np.uint16)).save(map_file)
+    overlay_file = out / "overlays" / f"{name}.png"
+    heatmap_overlay(np.asarray(image, dtype=np.float32), normalized).save(overlay_file)
+    area = int((own >= post.pixel_threshold).sum())
+    return {"anomalous_area_px": area, "anomalous_area_fraction": round(area / own.numel(), 6),
+            "map": str(map_file), "overlay": str(overlay_file)}
+
+
+def predict(args: DictConfig) -> int:
+    check_options(args)
+    run_dir = Path(args.run_dir).expanduser()
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise DataError(f"run_dir={run_dir} is not a run directory (no .hydra/config.yaml)")
+    out = Path(args.output).expanduser() if args.output else Path("predictions") / run_dir.resolve().name
+    files, base = list_inputs(str(args.input))
+    writable_output(out, run_dir)
+    post, fitted_on = load_postprocessor(run_dir / POSTPROCESS_FILE)
+    from tiled_hydra.build import open_trained_run  # loads torch and the models: after every cheap check
+
+    _, run = open_trained_run(run_dir, args.mode, args.device)
+    engine = run.engine(keep=True)
+    size = run.grid.image_size
+    log.info("%d files; post-processing fitted on %s", len(files), fitted_on)
+
+    rows, failed = [], []
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    from tiled_hydra.core.progress import on_terminal
+
+    progress = tqdm(total=len(files), desc="predict", unit="img", disable=not on_terminal(), file=sys.stdout)
+    for first in range(0, len(files), int(args.batch_size)):
+        batch_files = files[first : first + int(args.batch_size)]
+        readable, pixels = [], []
+        for path in batch_files:
+            try:
+                image = read_image(path, "predict")
+            except DataError as err:
+                failed.append((str(path), str(err)))
+                continue
+            readable.append((path, image))
+            pixels.append(torch.from_numpy(resize_image(image, size)))
+        if readable:
+            maps, scores = engine(torch.stack(pixels))
+            normalized = post.normalize_scores(scores)
+            labels, _ = post.predict(scores)
+            for k, (path, image) in enumerate(readable):
+                row = {"path": str(path), "score": repr(float(scores[k])), "normalized_score": round(float(normalized[k]), 6),
+                       "pred_label": int(labels[k])}
+                row |= write_outputs(out, output_name(path, base), image, maps[k], post, str(args.maps))
+                rows.append(row)
+        progress.update(len(batch_files))
+    progress.close()
+    seconds = time.perf_counter() - start
+
+    write_csv(out / "predictions.csv", COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
+    (out / "predictions.columns.txt").write_text("".join(f"{c}: {COLUMN_NOTES[c]}\n" for c in COLUMNS))
+    if failed:
+        write_csv(out / "failed.csv", ["path", "cause"], failed)
+        for path, cause in failed:
+            print(f"tiled_hydra.cli.predict: unreadable: {cause}", file=sys.stderr)
+    flagged = sum(row["pred_label"] for row in rows)
+    print(f"{len(rows)} images scored, {flagged} flagged anomalous, {len(failed)} unreadable; "
+          f"{len(rows) / seconds:.2f} images/s; {out / 'predictions.csv'}")
+    return 1 if failed else 0
+
+
+def write_csv(path: Path, header: list[str], rows: list) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run_command(PROG, "predict", USAGE, predict, argv)
+
+
+if __name__ == "__main__":
+    main()
