@@ -1,4 +1,4 @@
-"""End-to-end timing of the issue-12 job: ENS9 PaDiM on 40 + 45 images of 1200x800 px, whole process.
+"""End-to-end timing of a 1200x800 job: ENS9 PaDiM on 40 + 45 images of 1200x800 px, whole process.
 
 Runs each configuration ``--repeats`` times, interleaved (so a noisy minute hits both alike), each
 as its own ``python -m tiled_hydra`` process in a fresh run dir, and prints the median wall, user

@@ -1,4 +1,4 @@
-"""An MVTec-layout folder of 1200x800 px images for the end-to-end timing job (issue 12).
+"""An MVTec-layout folder of 1200x800 px images for the end-to-end timing job.
 
 40 training + 45 test images (20 good, 25 with a dark or bright blob and its mask), jittered
 copies of scikit-image's `coffee` photo (CC0): shifted by a few pixels, brightness +-5%, noise.

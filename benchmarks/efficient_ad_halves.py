@@ -1,4 +1,4 @@
-"""Which half of EfficientAD's map carries the detection? (issue 10)
+"""Which half of EfficientAD's map carries the detection?
 
 EfficientAD's map is ``0.5 ST + 0.5 AE`` after each half's quantile normalisation. For each trained
 ``model=efficient_ad`` run dir given, this re-predicts the run's test images (read-only, with the
@@ -15,25 +15,21 @@ import argparse
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from tiled_hydra.errors import instantiate_checked
 from tiled_hydra.metrics.image import image_auroc
-from tiled_hydra.cli.predict import load_run
-from tiled_hydra.pipeline import make_grid
+from tiled_hydra.build import build_data, open_trained_run
 from torchmetrics.functional.classification import binary_auroc
 
 OFF = 1e6  # range multiplier that turns a half's normalised term into (almost) a constant
 
 
 def halves(run_dir: Path) -> list[dict]:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg, run = open_trained_run(run_dir, device="cpu")
     if cfg.model.name != "efficient_ad":
         raise SystemExit(f"{run_dir}: not an efficient_ad run ({cfg.model.name})")
-    grid = make_grid(cfg.setup)
-    test = instantiate_checked(cfg.dataset, image_size=list(grid.image_size)).test
-    trained = load_run(run_dir, None, "cpu")
-    models = [trained.engine.models.get(s).model for s in range(len(trained.engine.models))]
+    test = build_data(cfg, run.grid).test
+    engine = run.engine(keep=True)
+    models = [engine.models.get(s).model for s in range(len(engine.models))]
     fitted = [m.quantiles.clone() for m in models]
     rows = []
     for name, off in (("0.5 ST + 0.5 AE", None), ("ST only", "ae"), ("AE only", "st")):
@@ -43,7 +39,7 @@ def halves(run_dir: Path) -> list[dict]:
                 a, b = (2, 3) if off == "ae" else (0, 1)
                 q[b] = q[a] + OFF * (q[b] - q[a])
             model.quantiles.copy_(q)
-        maps, scores = trained.engine.predict(test.images, measure_memory=False)[0]
+        maps, scores = engine.predict(test.images, measure_memory=False)[0]
         row = {"run": run_dir.name, "map": name, "image AUROC": image_auroc(scores, test.labels)}
         if test.masks is not None:
             row["pixel AUROC"] = float(binary_auroc(maps.flatten(), test.masks.flatten().long()))

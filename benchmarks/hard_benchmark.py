@@ -1,4 +1,4 @@
-"""Benchmark (issue 16): model x backbone x setup on the hard synthetic preset, object and texture.
+"""Benchmark: model x backbone x setup on the hard synthetic preset, object and texture.
 
 Runs the real command line once per cell (resumable: a cell with results.json is read, not re-run)
 and prints one Markdown table: image AUROC, pixel AUPRO, train and inference time, peak memory,

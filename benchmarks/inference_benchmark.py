@@ -1,4 +1,4 @@
-"""Inference modes benchmark (issue 12): latency, throughput, peak memory and accuracy per mode.
+"""Inference modes benchmark: latency, throughput, peak memory and accuracy per mode.
 
 For every model x setup, the slots are trained once per feature choice (``per_tile``; and
 ``whole_image`` for tiled setups: it is part of the slot fingerprint) by a normal run (which also
@@ -25,7 +25,6 @@ heads, resident models), with the bytes of slot weights each image reads:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -33,19 +32,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-from tiled_hydra.models.backbone import build_backbone
-from tiled_hydra.data.base import AnomalyData
-from tiled_hydra.slots.trainer import SlotRunner
-from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.inference.engine import engine_for
+from tiled_hydra.build import build_data, build_run, open_trained_run
+from tiled_hydra.config import CONF_DIR as CONF
 from tiled_hydra.inference.latency import measure_speed
 from tiled_hydra.metrics.curves import aupro
 from tiled_hydra.metrics.image import image_auroc
-from tiled_hydra.pipeline import make_grid, run
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from tiled_hydra.pipeline import train
 HEADER = ("| model | setup | mode | features | latency ms | throughput img/s | infer peak MiB | slot weights MiB "
           "| image AUROC | pixel AUPRO |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
@@ -64,11 +57,9 @@ def row(model, setup, mode, features, latency, throughput, peak, weights, auroc,
 
 def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
     """The trained slots of ``run_dir`` measured in resident mode (same protocol as the run's speed)."""
-    grid = make_grid(cfg.setup)
-    data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
-    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
-    runner = SlotRunner(cfg, grid, backbone, torch.device("cpu"), run_dir / "checkpoints", {})
-    engine = engine_for(runner, cfg, keep=True, mode="resident")
+    run = build_run(cfg, run_dir / "checkpoints", device=torch.device("cpu"))
+    data = build_data(cfg, run.grid)
+    engine = run.engine(keep=True, mode="resident")
     splits = [data.test] if data.val is None else [data.val, data.test]
     predictions = engine.predict(*(s.images for s in splits))
     peak = engine.peak_bytes
@@ -82,32 +73,22 @@ def resident_row(cfg, run_dir: Path, results: dict) -> tuple:
 
 def measure_run_dirs(run_dirs: list[Path], repeats: int) -> None:
     """Latency, throughput and peak memory of each run dir in each mode, in this one process."""
-    from tiled_hydra.cli.predict import load_run
-
     print("| run dir | setup | features | mode | latency ms | throughput img/s | infer peak MiB (test images) |\n|---|---|---|---|---|---|---|")
     for run_dir in run_dirs:
         for mode in ("sequential", "resident"):
-            trained = load_run(run_dir, mode, "cpu")
-            cfg = trained.cfg
-            grid = make_grid(cfg.setup)
-            data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
-            images = data.test.images
-            speed = measure_speed(trained.engine, images, warmup=4, repeats=repeats, throughput_batch_size=8)
-            trained.engine.predict(images)  # peak memory of the model passes over the test images
+            cfg, run = open_trained_run(run_dir, mode, "cpu")
+            engine = run.engine(keep=True)
+            images = build_data(cfg, run.grid).test.images
+            speed = measure_speed(engine, images, warmup=4, repeats=repeats, throughput_batch_size=8)
+            engine.predict(images)  # peak memory of the model passes over the test images
             print(f"| {run_dir.name} | {cfg.setup.name} | {cfg.inference.features} | {mode} | {speed['latency_ms']:.0f} | "
-                  f"{speed['throughput_images_per_second']:.2f} | {trained.engine.peak_bytes / 2**20:.0f} |", flush=True)
-            del trained
+                  f"{speed['throughput_images_per_second']:.2f} | {engine.peak_bytes / 2**20:.0f} |", flush=True)
+            del engine, run
 
 
 def backbone_step(engine, image: torch.Tensor) -> list[torch.Tensor]:
     """The stages of every tile of one image, as the engine computes them (whole image or per tile)."""
-    from tiled_hydra.inference.engine import as_unit_float, cut_tile_features, run_backbone, whole_image_features
-
-    grid, every_tile = engine.grid, list(range(engine.grid.num_tiles))
-    if engine.settings.features == "whole_image":
-        whole = whole_image_features(engine.backbone, image, grid, engine.device, engine.settings.chunk_pixels)
-        return cut_tile_features(whole, grid, every_tile, engine.reductions)
-    return run_backbone(engine.backbone, as_unit_float(grid.tile_subset(image, every_tile).flatten(0, 1)), engine.settings.chunk_pixels)
+    return engine.features.of_tiles(image, slice(0, len(image)), list(range(engine.grid.num_tiles)), hold=False)
 
 
 def heads_step(engine, models: list, features: list[torch.Tensor]) -> int:
@@ -124,14 +105,12 @@ def split_run_dirs(run_dirs: list[Path], repeats: int) -> None:
     """Batch-1 time of the backbone and of the slot heads, measured apart, for each run dir (one process)."""
     import statistics
 
-    from tiled_hydra.cli.predict import load_run
-
     print("| run dir | setup | features | backbone ms | heads ms | heads share | patch positions | slot weights MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for run_dir in run_dirs:
-        trained = load_run(run_dir, "resident", "cpu")
-        engine, cfg = trained.engine, trained.cfg
-        data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(engine.grid.image_size))
+        cfg, run = open_trained_run(run_dir, "resident", "cpu")
+        engine = run.engine(keep=True)
+        data = build_data(cfg, run.grid)
         models = [engine.models.get(slot) for slot in range(len(engine.slots))]
         times: dict[str, list[float]] = {"backbone": [], "heads": []}
         with torch.no_grad():
@@ -179,15 +158,12 @@ def main() -> None:
                 if features == "whole_image" and setup in ("sm256", "sm512"):
                     continue  # a 1x1 grid: the whole image is the tile, whole_image == per_tile
                 overrides = [f"+setup={setup}", f"model={model}", f"inference.features={features}", "logger=none",
-                             "report.overlays=0", *args.extra]
+                             "report.overlays=0", "speed.enabled=true", *args.extra]
                 run_dir = args.out / f"{model}_{setup}_{features}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 cfg = compose_cfg(overrides)
-                (run_dir / ".hydra").mkdir(exist_ok=True)
-                OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does: --measure and predict read it
                 start = time.perf_counter()
-                results = run(cfg, run_dir)
-                (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+                results = train(cfg, run_dir).results  # writes the config and results.json as the command does
                 print(f"{model} {setup} {features}: run {time.perf_counter() - start:.0f} s", flush=True)
                 weights = results["slot_weights_bytes"]
                 with table.open("a") as f:

@@ -1,4 +1,4 @@
-"""Why is a run's image AUROC low while its pixel AUPRO is high? (issue 16, item 4)
+"""Why is a run's image AUROC low while its pixel AUPRO is high?
 
 The image score is the maximum of the merged map. For each trained run dir given, this re-predicts
 the run's test images (read-only, with the run's own engine) and prints:
@@ -23,23 +23,17 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from tiled_hydra.errors import instantiate_checked
 from tiled_hydra.metrics.image import image_auroc
-from tiled_hydra.cli.predict import load_run
-from tiled_hydra.pipeline import make_grid
+from tiled_hydra.build import build_data, open_trained_run
 
 
 def diagnose(run_dir: Path) -> dict:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    grid = make_grid(cfg.setup)
-    data = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
-    test = data.test
+    cfg, run = open_trained_run(run_dir, device="cpu")
+    test = build_data(cfg, run.grid).test
     if test.masks is None:
         raise SystemExit(f"{run_dir}: the test split has no masks")
-    trained = load_run(run_dir, None, "cpu")
-    maps, scores = trained.engine.predict(test.images, measure_memory=False)[0]
+    maps, scores = run.engine(keep=True).predict(test.images, measure_memory=False)[0]
     defective = test.labels == 1
     flat, masks = maps.flatten(1), test.masks.flatten(1)
     inside = torch.where(masks, flat, torch.tensor(-torch.inf)).amax(1)

@@ -1,4 +1,4 @@
-"""Benchmark: one ENS4 run trained sequentially vs. its slots split over local shards (issue 14).
+"""Benchmark: one ENS4 run trained sequentially vs. its slots split over local shards.
 
 Runs the real command lines on the default offline data and prints a Markdown table of wall
 times.  Sequential: one process, ``--threads`` torch threads.  Sharded: a joblib multirun of
