@@ -236,7 +236,7 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
     metrics = image_metrics(test_scores, test.labels, pred_labels)
     per_image: dict = {}  # per-image records for bootstrap intervals in compare (metrics/bootstrap.py)
     if test.masks is not None:  # pixel metrics at metrics.resolution (metrics/pixel.py)
-        metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics, per_image=per_image)
+        metrics |= pixel_metrics(test_maps, test, pixel_thresholds, cfg.metrics, per_image=per_image, progress=run.progress)
     save_per_image(run_dir / PER_IMAGE_FILE, test.paths or [str(i) for i in range(len(test))], test.labels,
                    test_scores, per_image)
     stages.done("metrics")

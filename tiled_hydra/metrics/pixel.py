@@ -23,6 +23,7 @@ its pixels are at or above the pixel threshold fitted on validation data.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from tiled_hydra.data.base import Split
 from tiled_hydra.data.images import read_mask, resize_mask
@@ -220,7 +222,7 @@ def ordered_map(work, items, workers: int):
 
 # -- the metrics ---------------------------------------------------------------------------------------
 def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tensor, metrics_cfg,
-                  per_image: dict | None = None) -> dict:
+                  per_image: dict | None = None, progress: bool = False) -> dict:
     """Pixel metrics of merged maps (N, h, w) against ``split``'s ground truth at ``metrics_cfg.resolution``.
 
     ``pixel_thresholds`` (N,): the threshold fitted on data other than each image (one value with a
@@ -263,7 +265,9 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
         return out
 
     # upsampling, labelling and binning release the GIL: two threads take ~half the time
-    for piece in ordered_map(image, range(len(split)), workers=max(1, min(2, torch.get_num_threads()))):
+    pieces = ordered_map(image, range(len(split)), workers=max(1, min(2, torch.get_num_threads())))
+    for piece in tqdm(pieces, total=len(split), desc="pixel metrics", unit="img", disable=not progress, leave=False,
+                      file=sys.stdout):
         count, region_sizes = piece["count"], piece["region_sizes"]
         true_pos, false_pos, false_neg = (a + b for a, b in zip((true_pos, false_pos, false_neg), piece["confusion"]))
         tally.add(region_sizes[1:], piece["hits"][1:], piece["area"], overlap)
