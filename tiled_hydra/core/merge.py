@@ -18,9 +18,6 @@ from tiled_hydra.core.tiling import TileGrid
 _SMOOTHING_CHUNK = 16
 
 
-SCORES = ("mean", "max")
-
-
 @dataclass(frozen=True)
 class MergeSettings:
     """``merge.*`` of the config."""
@@ -38,11 +35,6 @@ def merge_scores(tile_scores: torch.Tensor, score: str = "mean") -> torch.Tensor
     if score == "max":
         return tile_scores.amax(dim=1)
     raise ValueError(f"merge score must be 'mean' or 'max', got {score!r}")
-
-
-def merge_labels(tile_labels: torch.Tensor) -> torch.Tensor:
-    """(N, T) tile labels -> (N,): an image is anomalous as soon as one of its tiles is."""
-    return tile_labels.bool().any(dim=1)
 
 
 def seam_band_width(tile_length: int, width_fraction: float) -> int:

@@ -44,7 +44,3 @@ class AnomalyData:
     train: Split  # normal images only
     test: Split
     val: Split | None = None  # None: thresholds are cross-fitted on the test set (see postprocess)
-
-    @property
-    def has_masks(self) -> bool:
-        return self.test.masks is not None

@@ -125,13 +125,6 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_interval(records: list[PerImage], metric: str, draws: int = DRAWS, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the seed-averaged ``metric`` over test-image draws."""
-    paths = records[0].paths
-    records = [r.aligned(paths) for r in records]
-    return interval(seed_mean(records, metric, stratified_draws(records[0].labels, draws, seed)))
-
-
 @dataclass(frozen=True)
 class Difference:
     mean: float  # b - a, seed-averaged, on all test images
@@ -141,14 +134,3 @@ class Difference:
     @property
     def significant(self) -> bool:
         return bool(self.low > 0 or self.high < 0)
-
-
-def paired_difference(a: list[PerImage], b: list[PerImage], metric: str, draws: int = DRAWS, seed: int = 0) -> Difference:
-    """Metric of ``b`` minus ``a`` with the same draws of the same test images for both."""
-    paths = a[0].paths
-    a = [r.aligned(paths) for r in a]
-    b = [r.aligned(paths) for r in b]
-    weights = stratified_draws(a[0].labels, draws, seed)
-    ones = np.ones((1, len(paths)))
-    low, high = interval(seed_mean(b, metric, weights) - seed_mean(a, metric, weights))
-    return Difference(float(seed_mean(b, metric, ones)[0] - seed_mean(a, metric, ones)[0]), low, high)
