@@ -141,17 +141,17 @@ class ComponentProbe:
         return out
 
     # -- hooks ----------------------------------------------------------------------------
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.sync:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def _pre(self, module, args):
-        self._start[id(module)] = self._now()
+        self._start[id(module)] = self.now()
 
     def _post_timer(self, name: str):
         def hook(module, args, output):
-            self.seconds[name] += self._now() - self._start.pop(id(module))
+            self.seconds[name] += self.now() - self._start.pop(id(module))
         return hook
 
     def _layer(self, module, args, output):

@@ -96,9 +96,9 @@ def measure_slot(slot: AnomalyModule, resolution: int, device: torch.device, war
         totals = []
         for _ in range(repeats):
             with probe.recording():
-                start = probe._now()
+                start = probe.now()
                 step()
-                total = probe._now() - start
+                total = probe.now() - start
             totals.append(total)
             for name, value in probe.component_seconds(total).items():
                 seconds[name] += value / repeats
