@@ -8,7 +8,7 @@ from torch import nn
 
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.core.filters import gaussian_blur, upsample
-from tiled_hydra.models.patchcore import knn
+from tiled_hydra.models.patchcore.knn import build_index, search
 from tiled_hydra.models.patchcore.coreset import coreset_size, greedy_coreset
 
 
@@ -55,8 +55,8 @@ class PatchcoreModel(nn.Module):
             raise RuntimeError("patchcore memory bank is empty: fit the model (or load a slot) first")
         b, d, h, w = embedding.shape
         patches = embedding.permute(0, 2, 3, 1).reshape(-1, d)
-        index = knn.build_index(self.memory_bank)
-        distances, nearest = knn.search(index, patches, 1)
+        index = build_index(self.memory_bank)
+        distances, nearest = search(index, patches, 1)
         patch_scores = distances.view(b, h * w)
         nearest = nearest.view(b, h * w)
         scores = self.image_scores(index, patches.view(b, h * w, d), patch_scores, nearest)
@@ -75,7 +75,7 @@ class PatchcoreModel(nn.Module):
         top_patch = patches[rows, worst]  # (B, D)
         top_item = self.memory_bank[nearest[rows, worst]]  # (B, D)
         k = min(self.num_neighbors, len(self.memory_bank))
-        _, support = knn.search(index, top_item, k)  # (B, k), m* itself first
+        _, support = search(index, top_item, k)  # (B, k), m* itself first
         distances = torch.linalg.vector_norm(self.memory_bank[support] - top_patch.unsqueeze(1), dim=-1)  # (B, k)
         # the exp(s*) / sum exp(.) ratio in log space: no overflow for large distances
         weight = 1 - torch.exp(top_score - torch.logsumexp(distances, dim=1))
