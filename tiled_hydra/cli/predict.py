@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -27,21 +26,13 @@ from tiled_hydra.cli.common import run_command
 from tiled_hydra.core.postprocess import POSTPROCESS_FILE, Postprocessor, load_postprocessor
 from tiled_hydra.data.images import IMAGE_SUFFIXES, read_image, resize_image
 from tiled_hydra.errors import ConfigError, DataError
+from tiled_hydra.reporting.maps import at_size, write_map
+from tiled_hydra.reporting.results import write_column_notes
 
 log = logging.getLogger("tiled_hydra")
 PROG = "tiled_hydra.predict"
 USAGE = "usage: tiled-hydra-predict run_dir=RUN_DIR input=DIR_OR_GLOB [output=DIR] [key=value ...]"
 COLUMNS = ["path", "score", "normalized_score", "pred_label", "anomalous_area_px", "anomalous_area_fraction", "map", "overlay"]
-COLUMN_NOTES = {
-    "path": "the image file",
-    "score": "raw image score of the model (its own scale; compare with image_threshold in the run's postprocess.json)",
-    "normalized_score": "the score min-max normalised on validation data so that the image threshold is 0.5, clipped to [0, 1]",
-    "pred_label": "1 = anomalous (score >= image threshold), 0 = normal",
-    "anomalous_area_px": "pixels of the map (at the image's own size) at or above the pixel threshold",
-    "anomalous_area_fraction": "anomalous_area_px / image pixels",
-    "map": "the anomaly map file (png: normalised, pixel threshold at 32768 of 65535; npy: raw float32)",
-    "overlay": "the overlay picture: image, map with colour bar, predicted region outlined, score and label",
-}
 
 
 def check_options(args: DictConfig) -> None:
@@ -88,28 +79,17 @@ def output_name(path: Path, base: Path) -> str:
     return "__".join(path.relative_to(base).with_suffix("").parts)
 
 
-def heatmap_overlay(image: np.ndarray, normalized: np.ndarray) -> Image.Image:
-    """RGB image (h, w, 3) uint8 half-blended with the jet colours of the normalised map."""
-    from matplotlib import colormaps
-
-    heat = colormaps["jet"](normalized)[..., :3] * 255
-    return Image.fromarray(np.clip(0.5 * image + 0.5 * heat, 0, 255).astype(np.uint8))
-
-
-def write_outputs(out: Path, name: str, image: Image.Image, raw_map: torch.Tensor, post: Postprocessor, maps_format: str) -> dict:
+def write_outputs(out: Path, name: str, image: Image.Image, raw_map: torch.Tensor, score: float, post: Postprocessor,
+                  maps_format: str) -> dict:
     """Map and overlay at the image's own size; the row's per-pixel figures."""
-    own = F.interpolate(raw_map[None, None], size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
-    normalized = post.normalize_maps(own).numpy()
-    if maps_format == "npy":
-        map_file = out / "maps" / f"{name}.npy"
-        np.save(map_file, own.numpy().astype(np.float32))
-    else:
-        map_file = out / "maps" / f"{name}.png"
-        Image.fromarray(np.rint(normalized * 65535).astype(np.uint16)).save(map_file)
-    overlay_file = out / "overlays" / f"{name}.png"
-    heatmap_overlay(np.asarray(image, dtype=np.float32), normalized).save(overlay_file)
-    area = int((own >= post.pixel_threshold).sum())
-    return {"anomalous_area_px": area, "anomalous_area_fraction": round(area / own.numel(), 6),
+    from tiled_hydra.reporting.overlays import draw_overlay, explain, verdict_of  # matplotlib: ~1 s, not for --help
+
+    own = at_size(raw_map, (image.height, image.width))
+    map_file = write_map(out / "maps" / name, own, post, maps_format)
+    verdict, heat, prediction = verdict_of(score, post, own)
+    overlay_file = draw_overlay(out / "overlays" / f"{name}.png", np.asarray(image), heat, prediction, explain(verdict),
+                                f"{name}  |  thresholds from the run's postprocess.json")
+    return {"anomalous_area_px": verdict.area_px, "anomalous_area_fraction": round(verdict.area_px / own.numel(), 6),
             "map": str(map_file), "overlay": str(overlay_file)}
 
 
@@ -154,14 +134,14 @@ def predict(args: DictConfig) -> int:
             for k, (path, image) in enumerate(readable):
                 row = {"path": str(path), "score": repr(float(scores[k])), "normalized_score": round(float(normalized[k]), 6),
                        "pred_label": int(labels[k])}
-                row |= write_outputs(out, output_name(path, base), image, maps[k], post, str(args.maps))
+                row |= write_outputs(out, output_name(path, base), image, maps[k], float(scores[k]), post, str(args.maps))
                 rows.append(row)
         progress.update(len(batch_files))
     progress.close()
     seconds = time.perf_counter() - start
 
     write_csv(out / "predictions.csv", COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
-    (out / "predictions.columns.txt").write_text("".join(f"{c}: {COLUMN_NOTES[c]}\n" for c in COLUMNS))
+    write_column_notes(out / "predictions.csv", COLUMNS)
     if failed:
         write_csv(out / "failed.csv", ["path", "cause"], failed)
         for path, cause in failed:

@@ -1,32 +1,136 @@
-"""Overlay figures of single test images, at the image's own aspect ratio.
+"""Overlay pictures that explain themselves: one drawing for a run's test images (RUN_DIR/overlays/)
+and for the new images predict scores (OUTPUT/overlays/).
 
-Three panels: the image with the ground-truth contour (green) | the normalised anomaly map over the
-image, ground truth (green) and prediction (white) contours | a crop around the worst spot at the
-image's own resolution, where a defect of a few pixels is still visible. The worst spot is the
-least-detected ground-truth region of a defective image (the largest region when all are found),
-or the highest map value of a normal one (the worst false alarm).
+A header says the image score against the image threshold and the label it gives (for a run's test
+images also the ground truth and whether that is a detection, a miss or a false alarm), what the
+outline shows, and why the image was chosen. Three panels at the image's own aspect ratio: the image
+(ground truth outlined green when known) | the normalised map over the image with the predicted
+anomalous region (map at or above the pixel threshold) outlined white, a colour bar below | a crop
+around the worst spot at the image's own resolution, where a defect of a few pixels is still visible.
+The worst spot is the least-detected ground-truth region of a defective image (the largest region
+when all are found), else the map's peak.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from tiled_hydra.core.postprocess import Postprocessor  # noqa: E402
 from tiled_hydra.data.base import Split  # noqa: E402
 from tiled_hydra.data.images import read_image, read_mask  # noqa: E402
 from tiled_hydra.errors import DataError  # noqa: E402
+from tiled_hydra.reporting.maps import at_size  # noqa: E402
 
 PANEL_LONG_SIDE = 480  # px of the full views in the saved figure (at dpi 100)
 CROP_SIDE = 96  # native px around the worst spot: a 5 px defect covers ~5 % of the crop's width
+MIN_CROP_PANEL = 200  # px: the crop panel stays readable beside the thin full views of a very wide image
+PNG_COMPRESS_LEVEL = 1  # zlib level 1: the figure saves ~3x faster than at level 6, a few % larger
+
+# How the normalised map (0.5 = the pixel threshold) is painted over the image. Below the threshold:
+# one cool blue whose opacity grows with the square of the value, from 0 (image untouched) to
+# BELOW_ALPHA just under the threshold: the bulk of a normal image stays visible, and a reader sees
+# where the model came close without reading it as a finding. At and above: opaque
+# warm colours, orange to dark red, the only warm colours in the picture, with the outline on top.
+# A jet scale over the whole range (the former overlays) paints 0.36 yellow, which reads as a
+# detection; a diverging map centred at 0.5 would tint every normal image deep blue and hide it.
+BELOW_RGB = np.array([30.0, 100.0, 235.0])
+BELOW_ALPHA = 0.4
+ABOVE_STOPS = np.array([0.5, 0.75, 1.0])
+ABOVE_RGB = np.array([[255.0, 150.0, 0.0], [225.0, 20.0, 0.0], [130.0, 0.0, 70.0]])
+ABOVE_ALPHA = 0.7
+TRUTH_COLOR = "lime"
+PREDICTION_COLOR = "white"
+PEAK_COLOR = "magenta"
+CROP_BOX_COLOR = "cyan"
+_HALO = [patheffects.withStroke(linewidth=3.0, foreground="black")]  # outlines stay visible on any image
+
+
+# -- what the picture says ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """The facts about one image that its picture states."""
+
+    score: float  # raw image score
+    image_threshold: float
+    pixel_threshold: float  # raw map value
+    area_px: int  # pixels of the map at the image's own size at or above the pixel threshold
+    image_px: int
+    peak: float  # highest value of the normalised map (0.5 = pixel threshold)
+    label: int | None = None  # ground truth (1 = defective), None when unknown (predict)
+    defect_type: str | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return self.score >= self.image_threshold  # as Postprocessor.predict
+
+
+@dataclass(frozen=True)
+class Explanation:
+    headline: str  # score vs. image threshold -> label (and ground truth)
+    region: str  # what is outlined, or why nothing is
+    mark_peak: bool  # flagged with no pixel above the pixel threshold: the map's peak is marked
+    alarm: bool  # the headline's colour: red for an anomalous label, blue for a normal one (as the map's)
+
+
+def compared(score: float, threshold: float) -> tuple[str, str]:
+    """Both numbers with 4 significant digits, more when needed to show that they differ."""
+    for digits in range(4, 10):
+        a, b = f"{score:.{digits}g}", f"{threshold:.{digits}g}"
+        if a != b or score == threshold:
+            break
+    return a, b
+
+
+def explain(v: Verdict) -> Explanation:
+    """The header text of ``v``'s picture."""
+    score, threshold = compared(v.score, v.image_threshold)
+    pixel_threshold = f"{v.pixel_threshold:.4g}"
+    relation = f"image score {score} {'≥' if v.flagged else '<'} image threshold {threshold}"
+    if v.label is None:
+        headline = f"{'anomalous' if v.flagged else 'normal'}: {relation}"
+    else:
+        truth = f"defective image ({v.defect_type})" if v.label and v.defect_type else ("defective image" if v.label else "normal image")
+        outcome = {(1, True): "flagged anomalous (detected)", (1, False): "not flagged (missed)",
+                   (0, True): "flagged anomalous (false alarm)", (0, False): "not flagged (correct)"}[(int(bool(v.label)), v.flagged)]
+        headline = f"{truth}, {relation}: {outcome}"
+    peak = f"{math.floor(v.peak * 100) / 100:.2f}"  # rounded down: a peak just below 0.5 never reads "0.50"
+    if v.area_px:
+        share = 100 * v.area_px / max(v.image_px, 1)
+        region = f"white outline: {v.area_px:,} px ({share:.2g} % of the image) at or above the pixel threshold {pixel_threshold}"
+        if not v.flagged:
+            region += "; the label comes from the image score alone, which is below its threshold"
+    elif v.flagged:
+        region = (f"flagged by its image score; no pixel above the pixel threshold {pixel_threshold} "
+                  f"(normalised map peak {peak} < 0.5, circled)")
+    else:
+        region = f"no pixel above the pixel threshold {pixel_threshold} (normalised map peak {peak} < 0.5): nothing outlined"
+    return Explanation(headline, region, mark_peak=v.flagged and not v.area_px, alarm=v.flagged)
+
+
+# -- drawing -------------------------------------------------------------------------------------------
+def paint(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """``image`` (h, w, 3) uint8 with the normalised map ``heat`` (h, w) painted over it (see the colour
+    scale above)."""
+    heat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)[..., None]
+    above = heat >= 0.5
+    rgb = np.where(above, np.stack([np.interp(heat[..., 0], ABOVE_STOPS, ABOVE_RGB[:, c]) for c in range(3)], -1), BELOW_RGB)
+    alpha = np.where(above, ABOVE_ALPHA, BELOW_ALPHA * (heat / 0.5) ** 2)
+    return (image * (1 - alpha) + rgb * alpha).round().astype(np.uint8)
 
 
 def native_view(split: Split, index: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -43,13 +147,6 @@ def native_view(split: Split, index: int) -> tuple[np.ndarray, np.ndarray | None
         except (DataError, OSError):
             pass  # the file moved since the run read it: show the resized copy
     return image, mask
-
-
-def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if values.shape == size:
-        return values
-    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def worst_spot(anomaly_map: np.ndarray, mask: np.ndarray | None, prediction: np.ndarray | None) -> tuple[int, int]:
@@ -88,81 +185,192 @@ def display_copies(image: np.ndarray, heat: np.ndarray, panel: tuple[int, int]):
     return small, small_heat, extent
 
 
-def contour(ax, mask: np.ndarray | None, color: str) -> None:
-    if mask is not None and mask.any() and not mask.all():
-        ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)
+def outline(ax, mask: np.ndarray | None, color: str, offset: tuple[int, int] = (0, 0), **style) -> None:
+    """The boundary of ``mask`` (closed also where it touches the border). Traced inside the mask's
+    bounding box only: a small region of a 1200x800 image costs its own size, not the image's."""
+    if mask is None or not mask.any():
+        return
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = np.pad(mask[r0:r1, c0:c1], 1).astype(np.float32)  # a False rim closes regions at the border
+    ys = np.arange(r0 - 1, r1 + 1) + offset[0]
+    xs = np.arange(c0 - 1, c1 + 1) + offset[1]
+    lines = ax.contour(xs, ys, box, levels=[0.5], colors=color, linewidths=1.2, **style)
+    lines.set_path_effects(_HALO)
 
 
-def save_overlay(path: Path, split: Split, index: int, norm_map: torch.Tensor, threshold: float, title: str) -> None:
-    """``norm_map`` (h, w): the normalised map at the setup's size (0.5 = the pixel threshold)."""
-    image, mask = native_view(split, index)
+def _axes(fig: Figure, x: float, y: float, w: float, h: float, size: tuple[float, float]):
+    """Axes at (x, y) px from the figure's bottom-left corner, w x h px, without frame or ticks."""
+    ax = fig.add_axes((x / size[0], y / size[1], w / size[0], h / size[1]))
+    ax.set_axis_off()
+    return ax
+
+
+def colour_bar(fig: Figure, box: tuple[float, float, float, float], size: tuple[float, float]) -> None:
+    """The normalised scale 0..1 as painted over a mid-grey pixel, the pixel threshold marked."""
+    ax = fig.add_axes((box[0] / size[0], box[1] / size[1], box[2] / size[0], box[3] / size[1]))
+    ramp = paint(np.full((1, 256, 3), 128.0), np.linspace(0, 1, 256)[None])
+    ax.imshow(ramp, extent=(0, 1, 0, 1), aspect="auto", interpolation="nearest")
+    ax.axvline(0.5, color="black", linewidth=2)
+    ax.set_yticks([])
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "0.25", "0.5", "0.75", "1"], fontsize=7)
+    ax.tick_params(length=2, pad=1)
+    ax.text(0.25, 1.15, "below the pixel threshold: normal", ha="center", va="bottom", fontsize=7, transform=ax.transAxes)
+    ax.text(0.75, 1.15, "at or above: anomalous (outlined)", ha="center", va="bottom", fontsize=7, transform=ax.transAxes)
+    ax.set_xlabel("normalised anomaly map (0.5 = pixel threshold)", fontsize=7, labelpad=1)
+
+
+def draw_overlay(path: Path, image: np.ndarray, heat: np.ndarray, prediction: np.ndarray, explanation: Explanation,
+                 note: str, mask: np.ndarray | None = None) -> Path:
+    """The picture of one image (module doc), all arrays at the image's own size: ``image`` (H, W, 3)
+    uint8, ``heat`` the normalised map (0.5 = pixel threshold), ``prediction`` its anomalous pixels
+    (raw map >= pixel threshold), ``mask`` the ground truth when known; ``note`` is the header's last
+    line (which image, why chosen)."""
     size = image.shape[:2]
-    heat = resize_map(norm_map.numpy(), size)
-    prediction = heat >= threshold
-    rows, cols = crop_box(worst_spot(heat, mask, prediction), size, CROP_SIDE)
+    spot = worst_spot(heat, mask, prediction)
+    peak = np.unravel_index(int(np.argmax(heat)), size)
+    rows, cols = crop_box(spot if not explanation.mark_peak or (mask is not None and mask.any()) else peak, size, CROP_SIDE)
     scale = PANEL_LONG_SIDE / max(size)
-    width, height = size[1] * scale, size[0] * scale
-    fig, axes = plt.subplots(1, 3, figsize=((2 * width + height + 60) / 100, (height + 50) / 100),
-                             gridspec_kw={"width_ratios": [width, width, height]})
+    width, height = round(size[1] * scale), round(size[0] * scale)
+    crop = max(height, MIN_CROP_PANEL)
+    pad, header, title, bar = 12, 72, 20, 62
+    fig_size = (4 * pad + 2 * width + crop, header + title + max(height, crop) + bar)
+    fig = Figure(figsize=(fig_size[0] / 100, fig_size[1] / 100), dpi=100)
+    fig.text(pad / fig_size[0], 1 - 10 / fig_size[1], explanation.headline, fontsize=11, weight="bold", va="top",
+             color="#b00000" if explanation.alarm else "#1a3c8c")
+    fig.text(pad / fig_size[0], 1 - 32 / fig_size[1], explanation.region, fontsize=9.5, va="top")
+    fig.text(pad / fig_size[0], 1 - 50 / fig_size[1], note, fontsize=8.5, va="top", color="#444444")
+    bottom = bar + (max(height, crop) - height) / 2
     # The full views are drawn from copies at the panel's own pixel size (placed at native
-    # coordinates, so the native contours and the crop box align): matplotlib would otherwise
+    # coordinates, so the native outlines and the crop box align): matplotlib would otherwise
     # resample the native arrays on every draw, ~4x the time for a 1200x800 image.
-    shown, shown_heat, extent = display_copies(image, heat, (round(height), round(width)))
-    axes[0].imshow(shown, extent=extent)
-    contour(axes[0], mask, "lime")
-    axes[0].set_title("image, ground truth", fontsize=8)
-    axes[1].imshow(shown, extent=extent)
-    axes[1].imshow(shown_heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=extent)
-    contour(axes[1], mask, "lime")
-    contour(axes[1], prediction, "white")
-    axes[1].add_patch(plt.Rectangle((cols.start, rows.start), cols.stop - cols.start, rows.stop - rows.start,
-                                    fill=False, edgecolor="yellow", linewidth=1))
-    axes[1].set_title("anomaly map, prediction (white)", fontsize=8)
-    axes[2].imshow(image[rows, cols], interpolation="nearest")
-    axes[2].imshow(heat[rows, cols], cmap="jet", alpha=0.3, vmin=0, vmax=1, interpolation="nearest")
-    contour(axes[2], None if mask is None else mask[rows, cols], "lime")
-    contour(axes[2], prediction[rows, cols], "white")
-    axes[2].set_title(f"{rows.stop - rows.start} x {cols.stop - cols.start} px at full resolution", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    shown, shown_heat, extent = display_copies(image, heat, (height, width))
+    left = _axes(fig, pad, bottom, width, height, fig_size)
+    left.imshow(shown, extent=extent, interpolation="nearest")
+    outline(left, mask, TRUTH_COLOR)
+    left.set_title("image" + (", true defect outlined green" if mask is not None and mask.any() else ""), fontsize=8)
+    middle = _axes(fig, 2 * pad + width, bottom, width, height, fig_size)
+    middle.imshow(paint(shown, shown_heat), extent=extent, interpolation="nearest")
+    outline(middle, mask, TRUTH_COLOR, linestyles="dashed")
+    outline(middle, prediction, PREDICTION_COLOR)
+    middle.add_patch(Rectangle((cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start, rows.stop - rows.start,
+                                fill=False, edgecolor=CROP_BOX_COLOR, linewidth=1, linestyle="--"))
+    if explanation.mark_peak:
+        middle.plot([peak[1]], [peak[0]], marker="o", markersize=14, markerfacecolor="none", markeredgecolor=PEAK_COLOR,
+                    markeredgewidth=2, path_effects=_HALO)
+    middle.set_xlim(extent[0], extent[1])
+    middle.set_ylim(extent[2], extent[3])
+    middle.set_title("anomaly map; white outline: predicted anomalous region", fontsize=8)
+    colour_bar(fig, (2 * pad + width + width * 0.1, 30, width * 0.8, 12), fig_size)
+    right = _axes(fig, 3 * pad + 2 * width, bar + (max(height, crop) - crop) / 2, crop, crop, fig_size)
+    crop_extent = (cols.start - 0.5, cols.stop - 0.5, rows.stop - 0.5, rows.start - 0.5)
+    right.imshow(paint(image[rows, cols], heat[rows, cols]), extent=crop_extent, interpolation="nearest")
+    local_mask = None if mask is None else mask[rows, cols]
+    outline(right, local_mask, TRUTH_COLOR, offset=(rows.start, cols.start), linestyles="dashed")
+    outline(right, prediction[rows, cols], PREDICTION_COLOR, offset=(rows.start, cols.start))
+    if explanation.mark_peak and rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop:
+        right.plot([peak[1]], [peak[0]], marker="o", markersize=18, markerfacecolor="none", markeredgecolor=PEAK_COLOR,
+                   markeredgewidth=2, path_effects=_HALO)
+    right.set_xlim(crop_extent[0], crop_extent[1])
+    right.set_ylim(crop_extent[2], crop_extent[3])
+    around = "the least-detected true defect" if mask is not None and mask.any() else "the map's peak"
+    right.set_title(f"cyan box around {around}, at full resolution ({rows.stop - rows.start} x {cols.stop - cols.start} px)",
+                    fontsize=8)
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+    return Path(path)
 
 
-def overlay_indices(scores: torch.Tensor, labels: torch.Tensor, count: int) -> list[tuple[int, str]]:
-    """The highest-scored defective images and the highest-scored normal ones (worst false alarms),
-    plus the lowest-scored defective ones (worst misses)."""
-    picks: list[tuple[int, str]] = []
+# -- a run's test images ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pick:
+    index: int
+    tag: str  # the file name's first part: why the image was chosen, true of this image
+    rank: int  # 1 = the first by the tag's ordering
+    reason: str  # the same, for the header
+
+
+def nth(rank: int, what: str) -> str:
+    """(1, "highest-scored") -> "the highest-scored"; (2, ...) -> "the 2nd highest-scored"."""
+    if rank == 1:
+        return f"the {what}"
+    suffix = "th" if 11 <= rank % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(rank % 10, "th")
+    return f"the {rank}{suffix} {what}"
+
+
+def short_path(path: str, limit: int = 70) -> str:
+    """``path``, its leading folders dropped when longer than ``limit`` characters."""
+    parts = Path(path).parts
+    for start in range(len(parts)):
+        shown = str(Path(*parts[start:]))
+        if len(shown) <= limit or start == len(parts) - 1:
+            return shown if start == 0 else f".../{shown}"
+    return path
+
+
+def choose_overlays(scores: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, count: int) -> list[Pick]:
+    """Up to ``count`` test images: the highest-scored defective ones (half), the lowest-scored defective
+    ones (a quarter) and the highest-scored normal ones (a quarter), at least one of each when there is
+    one. Each tag is true of its image against its own image threshold ``thresholds[i]``: a defective
+    image is ``defective_below_image_threshold`` (missed) only when its score is below the threshold,
+    else ``lowest_scored_defective``; a normal one ``normal_above_image_threshold`` (a false alarm) only
+    when its score is at or above it, else ``highest_scored_normal``."""
+    picks: list[Pick] = []
     defective = torch.nonzero(labels == 1).flatten()
     normal = torch.nonzero(labels == 0).flatten()
-    if len(defective):
-        order = defective[scores[defective].argsort(descending=True)]
-        picks += [(int(i), "best_detected") for i in order[: max(1, count // 2)]]
-        picks += [(int(i), "worst_missed") for i in order.flip(0)[: max(1, count // 4)]]
-    if len(normal):
-        order = normal[scores[normal].argsort(descending=True)]
-        picks += [(int(i), "worst_false_alarm") for i in order[: max(1, count // 4)]]
+    n_def, n_norm = len(defective), len(normal)
+    if n_def:
+        order = defective[scores[defective].argsort(descending=True, stable=True)]
+        for rank, i in enumerate(order[: max(1, count // 2)].tolist(), 1):
+            picks.append(Pick(i, "highest_scored_defective", rank,
+                              f"{nth(rank, 'highest-scored')} of {n_def} defective test images"))
+        for rank, i in enumerate(order.flip(0)[: max(1, count // 4)].tolist(), 1):
+            below = bool(scores[i] < thresholds[i])
+            picks.append(Pick(i, "defective_below_image_threshold" if below else "lowest_scored_defective", rank,
+                              f"{nth(rank, 'lowest-scored')} of {n_def} defective test images, "
+                              + ("below the image threshold: missed" if below else "at or above the image threshold")))
+    if n_norm:
+        order = normal[scores[normal].argsort(descending=True, stable=True)]
+        for rank, i in enumerate(order[: max(1, count // 4)].tolist(), 1):
+            above = bool(scores[i] >= thresholds[i])
+            picks.append(Pick(i, "normal_above_image_threshold" if above else "highest_scored_normal", rank,
+                              f"{nth(rank, 'highest-scored')} of {n_norm} normal test images, "
+                              + ("at or above the image threshold: a false alarm" if above else "below the image threshold")))
     seen, unique = set(), []
-    for i, tag in picks:
-        if i not in seen:
-            seen.add(i)
-            unique.append((i, tag))
+    for pick in picks:
+        if pick.index not in seen:
+            seen.add(pick.index)
+            unique.append(pick)
     return unique[:count]
 
 
-def write_overlays(run_dir: Path, test: Split, scores: torch.Tensor, norm_maps: torch.Tensor,
-                  pred_masks: torch.Tensor | None, overlays: int) -> list[Path]:
-    """Overlay PNGs (overlays.py) of the best-detected, worst-missed and worst false-alarm test images.
-    ``norm_maps`` are normalised so that the pixel threshold is 0.5 (``pred_masks`` is norm_maps >= 0.5)."""
-    overlay_dir = run_dir / "overlays"
+def verdict_of(score: float, post: Postprocessor, own_map: torch.Tensor, label: int | None = None,
+               defect_type: str | None = None) -> tuple[Verdict, np.ndarray, np.ndarray]:
+    """The verdict of one image from its raw map at its own size, the normalised map and the prediction."""
+    prediction = (own_map >= post.pixel_threshold).numpy()
+    heat = post.normalize_maps(own_map).numpy()
+    verdict = Verdict(score=float(score), image_threshold=post.image_threshold, pixel_threshold=post.pixel_threshold,
+                      area_px=int(prediction.sum()), image_px=int(prediction.size), peak=float(heat.max()), label=label,
+                      defect_type=defect_type)
+    return verdict, heat, prediction
+
+
+def write_overlays(run_dir: Path, test: Split, scores: torch.Tensor, maps: torch.Tensor, scoring: Sequence[Postprocessor],
+                   overlays: int) -> list[Path]:
+    """RUN_DIR/overlays/TAG_RANK_KIND_NAME.png for the test images :func:`choose_overlays` picks.
+    ``maps``: the raw maps at the setup's size; ``scoring[i]``: the postprocessor that labelled image i."""
+    overlay_dir = Path(run_dir) / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = torch.tensor([post.image_threshold for post in scoring], dtype=scores.dtype)
     written = []
-    for i, tag in overlay_indices(scores, test.labels, overlays):
+    for pick in choose_overlays(scores, test.labels, thresholds, overlays):
+        i = pick.index
         name = Path(test.paths[i]).stem if test.paths else str(i)
         kind = test.defect_types[i] if test.defect_types else ("defect" if test.labels[i] else "good")
-        path = overlay_dir / f"{tag}_{kind}_{name}.png"
-        save_overlay(path, test, i, norm_maps[i], 0.5, f"{tag}: {kind}/{name}  score {float(scores[i]):.3f}")
+        image, mask = native_view(test, i)
+        verdict, heat, prediction = verdict_of(float(scores[i]), scoring[i], at_size(maps[i], image.shape[:2]),
+                                               int(test.labels[i]), kind if test.labels[i] else None)
+        path = overlay_dir / f"{pick.tag}_{pick.rank}_{kind}_{name}.png"
+        shown = short_path(test.paths[i]) if test.paths else f"test image {i}"
+        draw_overlay(path, image, heat, prediction, explain(verdict), f"{shown}  |  shown as {pick.reason}", mask)
         written.append(path)
     return written
