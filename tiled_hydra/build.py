@@ -64,7 +64,8 @@ def build_frozen_backbone(cfg: DictConfig, fold_batch_norm: bool = True) -> Froz
 
 def merge_settings(merge: DictConfig) -> MergeSettings:
     smoothing = merge.seam_smoothing
-    return MergeSettings(str(merge.score), bool(smoothing.enabled), float(smoothing.sigma), float(smoothing.width_fraction))
+    return MergeSettings(str(merge.score), bool(smoothing.enabled), float(smoothing.sigma), float(smoothing.width_fraction),
+                         str(merge.get("calibration", "none")), str(merge.get("window", "flat")))
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:

@@ -27,6 +27,8 @@ from tiled_hydra.metrics import schema
 from tiled_hydra.metrics.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.metrics.image import image_metrics
 from tiled_hydra.metrics.pixel import pixel_metrics
+from tiled_hydra.metrics.seams import block_contrast
+from tiled_hydra.reporting.maps import maps_format
 from tiled_hydra.reporting.overlays import write_overlays
 from tiled_hydra.reporting.results import write_region_recall_figure, write_test_predictions
 from tiled_hydra.reporting.tracking import make_tracker
@@ -143,11 +145,22 @@ def train_or_resume(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path,
         return require_trained(run, job)
     workers = int((cfg.get("ensemble") or {}).get("workers", 1) or 1)
     with local_workers(workers, len(run.store), run_dir, run.store.directory, job.overrides) as group:
+        normals = calibration_images(data)
         if group is not None:  # shard 0 here, the other shards in the worker processes
-            run.trainer.train(data.train.images, slots=shard_slots(len(run.store), 0, group.workers), shard=0)
+            run.trainer.train(data.train.images, slots=shard_slots(len(run.store), 0, group.workers), shard=0,
+                              calibration_images=normals)
             group.wait()  # each shard's slots are its own process's: a failed worker fails the run here
-        records = run.trainer.train(data.train.images)  # over all slots, resumed ones too
+        records = run.trainer.train(data.train.images, calibration_images=normals)  # over all slots, resumed ones too
     return records if group is None else group.mark_trained_here(records)
+
+
+def calibration_images(data: AnomalyData):
+    """Normal images the slots' calibration statistics come from: the validation split's normal
+    images, never test images; the training images when there is no validation split (or no normal
+    image in it)."""
+    if data.val is not None and bool((data.val.labels == 0).any()):
+        return data.val.images[data.val.labels == 0]
+    return data.train.images
 
 
 def require_trained(run: Run, job: Job) -> list[dict]:
@@ -172,7 +185,7 @@ def train_slots_only(cfg: DictConfig, run_dir: Path, checkpoints: Path, job: Job
     slots = shard_slots(len(run.store), shard, num_shards)
     what = f"shard {shard} of {num_shards}" if shard is not None else "all shards"
     log.info("%s: slots %s of %d, checkpoints in %s", what, slots, len(run.store), run.store.directory)
-    records = run.trainer.train(data.train.images, slots=slots, shard=shard)
+    records = run.trainer.train(data.train.images, slots=slots, shard=shard, calibration_images=calibration_images(data))
     stages.done("train")
     missing = run.store.missing()
     summary = {
@@ -232,7 +245,6 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
         # metrics, which keep the 2-fold cross-fit above (no image thresholded by itself).
         deploy = fit_postprocessor(test_scores, test.labels, test_maps, test.masks)
         save_postprocessor(run_dir / POSTPROCESS_FILE, deploy, fitted_on="all test images (no validation split); deployment only")
-    write_test_predictions(run_dir, test, test_scores, pred_labels)
     metrics = image_metrics(test_scores, test.labels, pred_labels)
     per_image: dict = {}  # per-image records for bootstrap intervals in compare (metrics/bootstrap.py)
     if test.masks is not None:  # pixel metrics at metrics.resolution (metrics/pixel.py)
@@ -253,6 +265,11 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
         **speed,
         "num_tiles": run.grid.num_tiles,
         "merge_score": run.merge.score,
+        "merge_calibration": run.merge.calibration,
+        "merge_window": run.merge.window,
+        "calibration_fitted_on": "validation normal images" if data.val is not None and bool((data.val.labels == 0).any())
+        else "training images",
+        "block_contrast": block_contrast(test_maps[test.labels == 0], run.grid),
         "num_models": len(run.store),
         "setup": str(cfg.setup.name),
         "model": str(cfg.model.name),
@@ -264,7 +281,11 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
         "slot_fingerprint": run.store.fingerprint,  # of every setting that changes the slots' weights
         "defect_share": defect_share(test),  # mean anomalous share per defective test image (paper Fig. 7)
     }
-    write_overlays(run_dir, test, test_scores, norm_maps, pred_masks, int(cfg.report.overlays))
+    # the postprocessor that labelled each test image: the validation split's, or its cross-fit fold's
+    scoring = [post] * len(test) if data.val is not None else [posts[int(f)] for f in folds]
+    write_test_predictions(run_dir, test, test_scores, pred_labels, test_maps, scoring,
+                           maps_format(cfg.report.get("maps", "png")))
+    write_overlays(run_dir, test, test_scores, test_maps, scoring, int(cfg.report.overlays))
     write_region_recall_figure(run_dir, results)
     stages.done("report")
     return results

@@ -132,6 +132,13 @@ class TileFeatures:
         held = self.held_stages(images)
         return cut_tile_features([s[chunk].to(self.device) for s in held], self.grid, tiles, self.reductions)
 
+    def predict(self, model, images: torch.Tensor, chunk: slice, tiles: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot model's tile maps (B * len(tiles), th, tw) and scores of the tiles of ``images[chunk]``:
+        from backbone features for models that take them, else from the tiles' pixels."""
+        if model.backbone_features:
+            return model.predict_features(self.of_tiles(images, chunk, tiles), self.grid.tile_size)
+        return model.predict_tiles(self.pixels(images, chunk, tiles))
+
     def held_stages(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Whole-image stages of every image of ``images`` in host memory, computed on first use
         (~2.7 MB per 512 px image for Lite0 stages [1, 2, 3])."""

@@ -83,9 +83,11 @@ class TileGrid:
             out.append(sorted(e for e in edges if 0 < e < size))
         return out[0], out[1]
 
-    def coverage(self) -> torch.Tensor:
-        """How many tiles cover each pixel of the image (h, w)."""
-        return self.untile_sum(torch.ones(1, self.num_tiles, 1, *self.tile_size))[0, 0]
+    def coverage(self, window: torch.Tensor | None = None) -> torch.Tensor:
+        """How many tiles cover each pixel of the image (h, w); with a ``window`` (th, tw) the sum of
+        the covering tiles' weights (the divisor of a window-weighted average)."""
+        weights = torch.ones(*self.tile_size) if window is None else window
+        return self.untile_sum(weights.expand(1, self.num_tiles, 1, *self.tile_size))[0, 0]
 
     # -- tensors -----------------------------------------------------------------
     def tile(self, images: torch.Tensor) -> torch.Tensor:

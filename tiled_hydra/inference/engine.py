@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from tiled_hydra.core.calibration import SlotCalibration, tile_window
 from tiled_hydra.core.features import TileFeatures, chunks
 from tiled_hydra.core.memory import PeakMemory
 from tiled_hydra.core.merge import MergeSettings, merge_scores, smooth_seams
@@ -104,7 +105,8 @@ class InferenceEngine:
                  merge: MergeSettings, device: torch.device, settings: InferenceSettings, progress: bool = False):
         self.grid, self.slots, self.models, self.features = grid, slots, models, features
         self.merge, self.device, self.settings, self.progress = merge, device, settings, progress
-        self.coverage = grid.coverage()
+        self.window = tile_window(grid.tile_size, merge.window)  # None: the flat mean
+        self.coverage = grid.coverage(self.window)
         features.backbone.to(device)
         self.peak_bytes = 0  # peak memory of the model passes of the last predict call
 
@@ -142,11 +144,8 @@ class InferenceEngine:
             check_features(model, self.features)
             for i, images in enumerate(splits):
                 for chunk in chunks(len(images), self.settings.batch_size // len(tiles)):
-                    if model.backbone_features:
-                        maps, scores = model.predict_features(self.features.of_tiles(images, chunk, tiles), self.grid.tile_size)
-                    else:
-                        maps, scores = model.predict_tiles(self.features.pixels(images, chunk, tiles))
-                    self._accumulate(map_sums[i], tile_scores[i], chunk, tiles, maps, scores)
+                    maps, scores = self.features.predict(model, images, chunk, tiles)
+                    self._accumulate(map_sums[i], tile_scores[i], chunk, tiles, maps, scores, model)
             self._off_device(model)
             del model
             if not self.models.keep:
@@ -179,17 +178,21 @@ class InferenceEngine:
                         maps, scores = model.predict_features(own, self.grid.tile_size)
                     else:
                         maps, scores = model.predict_tiles(tiles.index_select(0, rows.to(tiles.device)))
-                    self._accumulate(map_sums[i], tile_scores[i], chunk, slot_tiles, maps, scores)
+                    self._accumulate(map_sums[i], tile_scores[i], chunk, slot_tiles, maps, scores, model)
                 del features
         for model in models:
             self._off_device(model)
 
     # -- pieces ----------------------------------------------------------------------------------------
-    def _accumulate(self, map_sum, tile_scores, chunk, tiles, maps, scores) -> None:
-        maps = maps.float().cpu().view(-1, len(tiles), *maps.shape[-2:])
-        scores = scores.float().cpu().view(-1, len(tiles))
+    def _accumulate(self, map_sum, tile_scores, chunk, tiles, maps, scores, model) -> None:
+        """Add a slot's tile maps (calibrated, window-weighted) and scores to the image buffers."""
+        maps, scores = maps.float().cpu(), scores.float().cpu()
+        if self.merge.calibration != "none":
+            maps, scores = slot_calibration(model).apply(maps, scores, self.merge.calibration)
+        maps = maps.view(-1, len(tiles), *maps.shape[-2:])
+        scores = scores.view(-1, len(tiles))
         for k, tile in enumerate(tiles):
-            self.grid.add_tile(map_sum[chunk], maps[:, k], tile)
+            self.grid.add_tile(map_sum[chunk], maps[:, k] if self.window is None else maps[:, k] * self.window, tile)
             tile_scores[chunk, tile] = scores[:, k]
 
     def _merge(self, map_sum: torch.Tensor, tile_scores: torch.Tensor) -> Prediction:
@@ -207,6 +210,14 @@ class InferenceEngine:
         if self.device.type == "cuda":
             move_slot_weights(model, torch.device("cpu"))
             torch.cuda.empty_cache()  # the next slot starts clean
+
+
+def slot_calibration(model: AnomalyModule) -> SlotCalibration:
+    calibration = getattr(model, "calibration", None)
+    if calibration is None:
+        raise ConfigError("merge.calibration needs slots trained by this version (their checkpoints hold the "
+                          "calibration statistics); retrain, or use merge.calibration=none")
+    return calibration
 
 
 def check_features(model: AnomalyModule, features: TileFeatures) -> None:

@@ -27,6 +27,7 @@ KINDS = {
     "bytes": "bytes >= 0 (an integer)",
     "count": "an integer >= 0",
     "rate": "a number > 0",
+    "ratio": "a number >= 0",
     "ms": "milliseconds > 0",
     "text": "a string",
     "fraction_by_size": "{size bin: fraction or NaN}",
@@ -58,6 +59,13 @@ FIELDS = [
     Field("num_tiles", "count", "tiles per image"),
     Field("num_models", "count", "trained models (slots)"),
     Field("merge_score", "text", "image score from tile scores: mean (paper 000 Eq. 5) | max", label="image score of tiles"),
+    Field("merge_calibration", "text", "slot outputs put on one scale before merging: none | slot | slot_position",
+          label="slot calibration"),
+    Field("merge_window", "text", "weights of overlapping tile maps: flat (mean) | hann | cosine", label="overlap window"),
+    Field("calibration_fitted_on", "text", "the normal images the slots' calibration statistics come from"),
+    Field("block_contrast", "ratio", "tile artefacts of the merged maps on normal test images: mean step of the "
+          "map level across tile seams / the map's spread on normal pixels (metrics/seams.py); null for a "
+          "single tile", False, "block contrast (normal images)"),
     Field("inference_mode", "text", "sequential (one slot resident) | resident (all slots resident)"),
     Field("inference_features", "text", "per_tile | whole_image backbone features"),
     Field("fingerprint", "text", "hash of every setting that changes a result"),
@@ -101,6 +109,8 @@ def _valid(kind: str, value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
     if kind in ("rate", "ms"):
         return number and value > 0
+    if kind == "ratio":
+        return number and value >= 0
     if kind == "text":
         return isinstance(value, (str, int))  # pixel_thresholds: "all" or a count
     if kind == "fraction_by_size":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tiled_hydra.core.calibration import SlotCalibration
 from tiled_hydra.errors import DataError
 from tiled_hydra.rundir import PidLock, check_slot_records, fingerprint_of, mismatch_error, temp_path, write_json_atomic
 
@@ -101,12 +102,17 @@ class SlotStore:
         """Every readable slot record, in slot order."""
         return [r for r in (self.read_record(slot) for slot in range(len(self))) if r is not None]
 
-    def save(self, slot: int, model, record: dict) -> dict:
-        """Checkpoint, then its record (with size and checksum): both atomic."""
+    def save(self, slot: int, model, record: dict, calibration: SlotCalibration | None = None) -> dict:
+        """Checkpoint (the slot's weights and its calibration statistics), then its record (with size and
+        checksum): both atomic."""
         path = self.checkpoint_path(slot)
         tmp = temp_path(path)  # unique: two processes never share a temporary file
+        payload = {"fingerprint": self.fingerprint, "tiles": self.tiles[slot], "state": model.slot_state_dict()}
+        if calibration is not None:
+            payload["calibration"] = calibration.state()
+            record = {**record, "calibration": calibration.summary()}
         try:
-            torch.save({"fingerprint": self.fingerprint, "tiles": self.tiles[slot], "state": model.slot_state_dict()}, tmp)
+            torch.save(payload, tmp)
             record |= {"checkpoint_bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
             os.replace(tmp, path)
         finally:
@@ -127,6 +133,7 @@ class SlotStore:
             raise mismatch_error(path, self.directory.parent, None, self.identity)
         model = self.new_model(slot)
         model.load_slot_state_dict(payload["state"])
+        model.calibration = SlotCalibration.from_state(payload["calibration"]) if "calibration" in payload else None
         return model.eval()
 
     def trained_record(self, slot: int) -> dict | None:

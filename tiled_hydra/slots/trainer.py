@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from tiled_hydra.core.calibration import SlotCalibration, fit_calibration
 from tiled_hydra.core.features import TileFeatures, chunks
 from tiled_hydra.core.memory import PeakMemory
 from tiled_hydra.core.tiling import TileGrid
@@ -34,6 +35,9 @@ from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.slots.store import SlotStore, slot_name
 
 log = logging.getLogger("tiled_hydra")
+
+#: Normal images a slot's calibration statistics are computed on, at most (they bound its time and memory).
+MAX_CALIBRATION_IMAGES = 64
 
 # Lightning announces its accelerator and tips at INFO on every Trainer, i.e. once per slot.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -136,10 +140,13 @@ class SlotTrainer:
         return self.store.tiles
 
     def train(self, images: torch.Tensor, slots: list[int] | None = None, shard: int | None = None,
-              on_slot: Callable[[int, dict], None] | None = None) -> list[dict]:
+              on_slot: Callable[[int, dict], None] | None = None, calibration_images: torch.Tensor | None = None) -> list[dict]:
         """Fit every slot of ``slots`` (default: all) not trained yet; returns their records, with
         ``resumed`` set for the slots found on disk (their seconds and peak memory are those measured
-        when they were trained, by this process or another shard)."""
+        when they were trained, by this process or another shard). ``calibration_images``: normal
+        images that are never test images (validation normals, else ``images``); each slot's output
+        statistics on them are stored with it (core/calibration.py)."""
+        calibration_images = images if calibration_images is None or len(calibration_images) == 0 else calibration_images
         slots = list(range(len(self.slots))) if slots is None else slots
         records = []
         with tqdm(total=len(slots), desc="slots", unit="slot", disable=not self.progress, position=0,
@@ -149,7 +156,7 @@ class SlotTrainer:
                     record = self.store.trained_record(slot)
                     resumed = record is not None
                     if not resumed:
-                        record = self.train_slot(slot, images, shard)
+                        record = self.train_slot(slot, images, shard, calibration_images)
                 records.append({**record, "resumed": resumed})
                 log.info("%s %s%s (%d of %d in this job)", slot_name(slot), "found trained" if resumed else "trained",
                          "" if resumed else f" in {record['seconds']:.1f} s", done, len(slots))
@@ -159,12 +166,13 @@ class SlotTrainer:
         self.features.release()
         return records
 
-    def train_slot(self, slot: int, images: torch.Tensor, shard: int | None) -> dict:
+    def train_slot(self, slot: int, images: torch.Tensor, shard: int | None, calibration_images: torch.Tensor) -> dict:
         losses = LossRecorder()
         started = time.time()
         start = time.perf_counter()
         with PeakMemory(self.device) as memory:
             model = self.fit(slot, images, callbacks=[losses])
+            calibration = self.calibrate(slot, model, calibration_images)
         seconds = time.perf_counter() - start
         record = self.store.save(slot, model, {
             "seconds": round(seconds, 3), "peak_mem_bytes": int(memory.bytes), "mem_kind": memory.kind,
@@ -172,10 +180,24 @@ class SlotTrainer:
             # when and where: the run's wall time spans every shard's slots (training_summary)
             "started": round(started, 3), "finished": round(time.time(), 3), "shard": shard,
             "host": socket.gethostname(), "pid": os.getpid(),
-        })
+        }, calibration)
         del model
         release_memory(self.device)
         return record
+
+    @torch.no_grad()
+    def calibrate(self, slot: int, model: AnomalyModule, images: torch.Tensor) -> SlotCalibration:
+        """Statistics of the fitted slot's tile maps and scores on its tiles of normal ``images``
+        (at most MAX_CALIBRATION_IMAGES of them, the first ones)."""
+        images, tiles = images[:MAX_CALIBRATION_IMAGES], self.slots[slot]
+        model.to(self.device)
+        maps, scores = [], []
+        for chunk in chunks(len(images), self.spec.batch_size // len(tiles)):
+            chunk_maps, chunk_scores = self.features.predict(model, images, chunk, tiles)
+            maps.append(chunk_maps.float().cpu())
+            scores.append(chunk_scores.float().cpu())
+        model.cpu()
+        return fit_calibration(torch.cat(maps), torch.cat(scores))
 
     def new_model(self, slot: int) -> AnomalyModule:
         return self.spec.build(self.features.backbone, slot)
