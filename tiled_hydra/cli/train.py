@@ -79,7 +79,8 @@ def remove_if_empty(run_dir: Path, hydra_cfg) -> None:
     """A failed job's run dir that holds nothing but a log, a lock and a config is removed (its error
     was printed): outputs/ keeps only runs that did something. Hydra's file handler is closed first."""
     try:
-        entries = {p.name for p in run_dir.iterdir()}
+        # an empty checkpoints/ is the slot store made before the data failed to load: nothing trained
+        entries = {p.name for p in run_dir.iterdir() if not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))}
     except OSError:
         return
     if not entries <= _EMPTY_RUN_ENTRIES:
