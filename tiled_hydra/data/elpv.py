@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 
+from tiled_hydra.config import Range, Seed
 from tiled_hydra.data.base import AnomalyData
 from tiled_hydra.data.images import Sample, read_split
 from tiled_hydra.errors import ConfigError, DataError
@@ -52,10 +54,10 @@ def read_labels(dataset: str, path: Path) -> list[tuple[Path, float, str]]:
 
 def load_elpv(
     image_size,
-    category: str = "all",
-    defect_threshold: float = 0.5,
-    train_fraction: float = 0.8,
-    seed: int = 0,
+    category: Literal["all", "mono", "poly"] = "all",
+    defect_threshold: Annotated[float, Range(0, 1, low_open=True)] = 0.5,  # probabilities are 0, 1/3, 2/3, 1
+    train_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.8,
+    seed: Seed = 0,
     name: str = "elpv",
 ) -> AnomalyData:
     """ELPV cells of type ``category`` (all, mono or poly), images resized to ``image_size``."""

@@ -14,9 +14,11 @@ Folders are relative to ``root`` (absolute paths are taken as they are):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
+from tiled_hydra.config import Range, Seed
 from tiled_hydra.data.base import AnomalyData, Split
 from tiled_hydra.data.images import Sample, read_split, require_images, require_root
 from tiled_hydra.errors import ConfigError, DataError
@@ -54,10 +56,10 @@ def load_folder(
     category: str = "custom",
     mask_dir: str | None = None,
     normal_test_dir: str | None = None,
-    normal_test_split: float = 0.2,
+    normal_test_split: Annotated[float, Range(0, 1, high_open=True)] = 0.2,
     val_normal_dir: str | None = None,
     val_abnormal_dir: str | None = None,
-    seed: int = 0,
+    seed: Seed = 0,
     name: str = "folder",
 ) -> AnomalyData:
     """Train on normal images; test on held-out (or separate) normal images and the anomalous ones."""

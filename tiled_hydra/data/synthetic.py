@@ -36,17 +36,16 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from skimage import draw
 from tqdm import tqdm
 
+from tiled_hydra.config import Count, Range, Seed, Share
 from tiled_hydra.data.base import AnomalyData
 from tiled_hydra.data.images import PROGRESS_MIN_FILES
 from tiled_hydra.data.mvtec import read_mvtec_split, read_train
-from tiled_hydra.data.views import normal_view, object_photo, object_view, periodic_texture, photometric_nuisance
 from tiled_hydra.errors import ConfigError, DataError
 
 log = logging.getLogger("tiled_hydra")
@@ -129,6 +128,9 @@ class SyntheticSpec:
 
 # -- defects: each returns the changed image and the exact mask of changed pixels -----------------
 def thick_polyline(shape: tuple[int, int], points: np.ndarray, radius: int) -> np.ndarray:
+    from scipy import ndimage
+    from skimage import draw
+
     mask = np.zeros(shape, bool)
     for (r0, c0), (r1, c1) in zip(points[:-1], points[1:]):
         rr, cc = draw.line(int(r0), int(c0), int(r1), int(c1))
@@ -142,6 +144,8 @@ def thick_polyline(shape: tuple[int, int], points: np.ndarray, radius: int) -> n
 
 def irregular_blob(shape: tuple[int, int], center: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
     """A star-shaped blob: a circle whose radius wobbles with a few random harmonics."""
+    from skimage import draw
+
     theta = np.linspace(0, 2 * np.pi, 64, endpoint=False)
     wobble = sum(rng.uniform(-0.25, 0.25) / k * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
     r = radius * (1 + wobble) * rng.uniform(0.6, 1.0, 2)[:, None]  # also stretch it into an ellipse
@@ -208,6 +212,8 @@ def stain(image, rng, center, scale, small, contrast):
 
 
 def missing(image, rng, center, scale, small, contrast):
+    from scipy import ndimage
+
     radius = (rng.uniform(12, 25) if small else rng.uniform(40, 80)) * scale
     mask = irregular_blob(image.shape[:2], center, radius, rng)
     sigma = 8 * scale
@@ -259,6 +265,9 @@ def defect_plan(spec: SyntheticSpec, split: str, n_defective: int) -> list[tuple
 
 
 def write_split(spec: SyntheticSpec, split: str, folder: Path, progress) -> None:
+    # scipy and scikit-image load only when images are generated, not when a cached dataset is read
+    from tiled_hydra.data.views import normal_view, object_photo, object_view, periodic_texture, photometric_nuisance
+
     n_normal, n_defective = spec.split_counts(split)
     preset = PRESETS[spec.preset]
     image_dir = folder / split
@@ -336,17 +345,17 @@ def check_params(spec: SyntheticSpec, folder: Path, dataset: str) -> None:
 
 def load_synthetic(
     image_size,
-    category: str = "brick",
+    category: Literal["brick", "grass", "gravel", "coffee", "astronaut", "chelsea"] = "brick",  # TEXTURES + OBJECTS
     root: str | None = None,
-    resolution: int | None = None,
-    n_train: int = 40,
-    n_val: int = 20,
-    val_defective_fraction: float = 0.5,
-    n_test: int = 40,
-    test_defective_fraction: float = 0.6,
-    small_defect_share: float = 0.5,
-    seed: int = 0,
-    preset: str = "default",
+    resolution: Annotated[int, Range(64)] | None = None,  # px
+    n_train: Annotated[int, Range(2)] = 40,  # a slot's statistics need two images
+    n_val: Annotated[int, Range(0)] = 20,
+    val_defective_fraction: Share = 0.5,
+    n_test: Count = 40,
+    test_defective_fraction: Share = 0.6,
+    small_defect_share: Share = 0.5,
+    seed: Seed = 0,
+    preset: Literal["default", "hard"] = "default",  # PRESETS
     name: str = "synthetic",
 ) -> AnomalyData:
     """Generate (or reuse) the synthetic dataset and load it through the MVTec loader, val included.

@@ -8,12 +8,16 @@ training tiles (half of each batch reconstructed, conditioned on the other half)
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
+from tiled_hydra.config import Among, Count, Layers, Length, NonNegative, Positive, Range, Rule, Seed, Size
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.core.tiling import as_pair
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.models.ddad.settings import UNetSize, crop_problem, tile_problem
 from tiled_hydra.models.ddad.torch_model import DDADModel
 
 
@@ -21,12 +25,37 @@ class DDAD(AnomalyModule):
     trainable = True
     cache_embeddings = False  # the U-Net trains on raw tiles, not on backbone features
 
-    def __init__(self, backbone: FrozenBackbone, tile_size, size: str, sizes: dict, layers: list[int],
-                 map_layers: list[int], layers_per_block: int, halving_period: int, min_channels: int,
-                 attention_resolution: int, beta_start: float, beta_end: float, diffusion_steps: int, start: int,
-                 skip: int, eta: float, w: float, w_da: float, da_lambda: float, v: float, blur_sigma: float,
-                 max_steps: int, da_steps: int, train_crop: int | None, lr: float, weight_decay: float, da_lr: float,
-                 noise_seed: int):
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        tile_size: Annotated[Size, Rule(tile_problem)],
+        size: Annotated[str, Among("sizes")],
+        sizes: dict[str, UNetSize],
+        layers: Layers,
+        map_layers: Annotated[list[int], Length(1, 5), Among("layers")],
+        layers_per_block: Count,
+        halving_period: Count,
+        min_channels: Count,
+        attention_resolution: Annotated[int, Range(0)],  # px
+        beta_start: Annotated[float, Range(0, 1, low_open=True, high_open=True)],
+        beta_end: Annotated[float, Range("beta_start", 1, low_open=True, high_open=True)],
+        diffusion_steps: Count,
+        start: Annotated[int, Range(1, "diffusion_steps", high_open=True)],  # alpha_bar has diffusion_steps entries
+        skip: Count,
+        eta: Annotated[float, Range(0, 1)],  # DDIM: above 1 the deterministic part's weight turns imaginary
+        w: NonNegative,
+        w_da: NonNegative,
+        da_lambda: NonNegative,
+        v: NonNegative,
+        blur_sigma: NonNegative,
+        max_steps: Count,  # DDAD splits a step budget between its two phases
+        da_steps: Annotated[int, Range(0, "max_steps")],
+        train_crop: Annotated[int, Range(1), Rule(crop_problem)] | None,
+        lr: Positive,
+        weight_decay: NonNegative,
+        da_lr: Positive,
+        noise_seed: Seed,
+    ):
         super().__init__(backbone)
         if size not in sizes:
             raise ConfigError(f"model.size={size} is not one of {', '.join(sizes)}")
@@ -34,8 +63,8 @@ class DDAD(AnomalyModule):
             raise ConfigError(f"model.net.map_layers={list(map_layers)} must be a subset of model.net.layers={list(layers)}")
         if not 0 <= da_steps <= max_steps:
             raise ConfigError(f"model.net.da_steps={da_steps} must lie in 0..model.max_steps={max_steps}")
-        if not 0 < start <= diffusion_steps or skip <= 0:
-            raise ConfigError(f"model.net: need 0 < start <= diffusion_steps and skip > 0; got start={start}, skip={skip}")
+        if not 0 < start < diffusion_steps or skip <= 0:
+            raise ConfigError(f"model.net: need 0 < start < diffusion_steps and skip > 0; got start={start}, skip={skip}")
         self.save_hyperparameters(ignore=["backbone"])
         self.automatic_optimization = False  # two optimizers, one per phase, as the reference
         tile = as_pair(tile_size)

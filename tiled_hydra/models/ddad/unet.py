@@ -18,50 +18,15 @@ compute of a CPU forward pass goes.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d import UNet2DModel
 from torch import nn
 
-from tiled_hydra.errors import ConfigError
+from tiled_hydra.models.ddad.settings import ChannelPlan, channel_plan
 
-
-@dataclass(frozen=True)
-class ChannelPlan:
-    widths: tuple[int, ...]      # channels per level, top (full resolution) first
-    attention: tuple[bool, ...]  # attention blocks at that level
-    downsampling: int            # total downsampling factor: tile sides must be multiples of it
-
-    @property
-    def groups(self) -> int:
-        """GroupNorm groups: 32 as guided diffusion, fewer when a level is narrower."""
-        return math.gcd(32, *self.widths)
-
-
-def channel_plan(tile_size: tuple[int, int], width: int, halving_period: int, min_channels: int,
-                 attention_resolution: int, bottom: int = 8) -> ChannelPlan:
-    """U-Net levels for a (height, width) tile; refuses sizes its downsampling cannot halve exactly."""
-    side = min(tile_size)
-    if side < bottom:
-        raise ConfigError(f"setup.tile_size={list(tile_size)} is too small for DDAD's U-Net: use tiles of at least {bottom} px")
-    levels = int(math.floor(math.log2(side / bottom))) + 1
-    factor = 2 ** (levels - 1)
-    if any(s % factor for s in tile_size):
-        raise ConfigError(
-            f"setup.tile_size={list(tile_size)}: DDAD's U-Net halves a {side} px tile {levels - 1} times, so both tile "
-            f"sides must be multiples of {factor} (e.g. {side // factor * factor} or {(side // factor + 1) * factor})"
-        )
-    widths, attention = [], []
-    for level in range(levels):
-        from_bottom = levels - 1 - level
-        multiplier = 4 / 2 ** (from_bottom // halving_period)
-        widths.append(max(min_channels, int(width * multiplier)))
-        attention.append(side // 2**level <= attention_resolution)
-    return ChannelPlan(tuple(widths), tuple(attention), factor)
+__all__ = ["ChannelPlan", "DenoisingUNet", "build_unet", "channel_plan"]
 
 
 def build_unet(plan: ChannelPlan, width: int, heads: int, dropout: float, layers_per_block: int) -> UNet2DModel:

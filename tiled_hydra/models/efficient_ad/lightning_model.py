@@ -15,16 +15,19 @@ How a slot learns (CPU-feasible, same losses as the paper):
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from tiled_hydra.config import Count, Increasing, Layers, Length, NonNegative, Positive, Range, positive_size
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.core.tiling import as_pair
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.efficient_ad.corpus import ImageCorpus
+from tiled_hydra.models.efficient_ad.settings import MIN_TILE, DistillSettings
 from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
 from tiled_hydra.models.efficient_ad.torch_model import (
     EfficientAdModel,
@@ -69,29 +72,29 @@ class EfficientAd(AnomalyModule):
     def __init__(
         self,
         backbone: FrozenBackbone,
-        layers: list[int],
-        size: str,
-        tile_size,
+        layers: Layers,
+        size: Literal["small", "medium"],
+        tile_size: positive_size(MIN_TILE),
         teacher: str | None,
         penalty: bool,
         penalty_dir: str | None,
         distill_dir: str | None,
         teacher_cache: str | None,
-        distill: dict,
-        crop_size: int,
-        crops_per_tile: int,
-        hard_quantile: float,
-        ae_jitter: float,
-        ae_loss_area: str,
-        penalty_images: int | None,
-        dropout: float,
-        precision: str,
-        quantile_holdout: float,
-        min_holdout: int,
-        map_quantiles: list[float],
-        lr: float,
-        weight_decay: float,
-        lr_drop_at: float,
+        distill: DistillSettings,
+        crop_size: Annotated[int, Range(MIN_TILE)],  # px, capped at the tile size
+        crops_per_tile: Count,
+        hard_quantile: Annotated[float, Range(0, 1)],
+        ae_jitter: Annotated[float, Range(0, 1, high_open=True)],  # factors in (1 - s, 1 + s) stay positive
+        ae_loss_area: Literal["tile", "crops"],
+        penalty_images: Count | None,
+        dropout: Annotated[float, Range(0, 1, high_open=True)],
+        precision: Literal["32", "bf16", 32],
+        quantile_holdout: Annotated[float, Range(0, 1, low_open=True, high_open=True)],
+        min_holdout: Count,
+        map_quantiles: Annotated[list[Annotated[float, Range(0, 1)]], Length(2), Increasing()],  # q_a < q_b
+        lr: Positive,
+        weight_decay: NonNegative,
+        lr_drop_at: Annotated[float, Range(0, 1, low_open=True)],  # share of max_steps
     ):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])

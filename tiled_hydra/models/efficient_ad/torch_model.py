@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiled_hydra.errors import ConfigError
+from tiled_hydra.models.efficient_ad.settings import MIN_TILE
 
 PRECISIONS = ("32", "bf16")  # of the three networks' convolutions; maps, losses and statistics stay float32
 OUT_CHANNELS = 384  # teacher feature channels (the student has twice as many)
-MIN_TILE = 64  # smallest side: five stride-2 encoder convolutions leave 2 px, the PDN 8 px
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAP_PAD = 4  # an unpadded PDN output cell i sees input rows [4i, 4i + 33): padding the map by 4 centres it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tiled_hydra.config import Count, Layers, NonNegative, Positive
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.fastflow.torch_model import FastflowModel
@@ -16,13 +17,13 @@ class Fastflow(AnomalyModule):
     def __init__(
         self,
         backbone: FrozenBackbone,
-        layers: list[int],
-        flow_steps: int,
-        hidden_ratio: float,
-        clamp: float,
+        layers: Layers,
+        flow_steps: Count,
+        hidden_ratio: Positive,
+        clamp: Positive,
         conv3x3_only: bool,
-        lr: float,
-        weight_decay: float,
+        lr: Positive,
+        weight_decay: NonNegative,
     ):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])

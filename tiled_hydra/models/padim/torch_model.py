@@ -63,8 +63,9 @@ class PadimModel(nn.Module):
 
     def __init__(self, total_channels: int, n_features: int, epsilon: float, blur_sigma: float):
         super().__init__()
-        if n_features > total_channels:
-            raise ConfigError(f"padim n_features={n_features} exceeds the backbone's {total_channels} channels")
+        if not 1 <= n_features <= total_channels:  # a negative count would slice all but |n| channels
+            raise ConfigError(f"model.net.n_features={n_features}: expected an integer in [1, {total_channels}] "
+                              "(the backbone's channels at model.net.layers)")
         self.epsilon = epsilon
         self.blur_sigma = blur_sigma
         # Random channel subset, drawn from the (seeded) global RNG and kept in the checkpoint.

@@ -9,8 +9,11 @@ training tiles: O(P * m * (k + step)) for the statistics plus one batch of featu
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 
+from tiled_hydra.config import Count, Layers, NonNegative, Range
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.padim_ipca.torch_model import PadimIPCAModel
@@ -26,13 +29,13 @@ class PadimIPCA(AnomalyModule):
     def __init__(
         self,
         backbone: FrozenBackbone,
-        layers: list[int],
-        k: int = 16,
-        step: int = 16,
-        dtype: str = "float64",
-        n_features: int | None = None,
-        variance_rtol: float = 1e-6,
-        blur_sigma: float = 4.0,
+        layers: Layers,
+        k: Annotated[int, Range(1, ("n_features", "channels"))] = 16,  # at most the feature dimension
+        step: Count = 16,
+        dtype: Literal["float64", "float32"] = "float64",
+        n_features: Annotated[int, Range(1, "channels")] | None = None,
+        variance_rtol: Annotated[float, Range(0, 1, high_open=True)] = 1e-6,
+        blur_sigma: NonNegative = 4.0,
     ):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])

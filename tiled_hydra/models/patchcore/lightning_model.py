@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from tiled_hydra.config import Count, Layers, NonNegative, Odd, Range
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import CollectingModule
 from tiled_hydra.models.patchcore.torch_model import PatchcoreModel
@@ -11,12 +14,12 @@ class Patchcore(CollectingModule):
     def __init__(
         self,
         backbone: FrozenBackbone,
-        layers: list[int],
-        pool_size: int,
-        coreset_ratio: float,
-        projection_dim: int,
-        num_neighbors: int,
-        blur_sigma: float,
+        layers: Layers,
+        pool_size: Annotated[int, Range(1), Odd()],  # a centred neighbourhood
+        coreset_ratio: Annotated[float, Range(0, 1, low_open=True)],
+        projection_dim: Annotated[int, Range(0)],  # 0: no projection
+        num_neighbors: Count,
+        blur_sigma: NonNegative,
     ):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])

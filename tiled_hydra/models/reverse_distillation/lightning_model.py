@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
+from tiled_hydra.config import Count, Layers, Length, NonNegative, Positive, Range
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.reverse_distillation.torch_model import ReverseDistillationModel
@@ -16,11 +19,11 @@ class ReverseDistillation(AnomalyModule):
     def __init__(
         self,
         backbone: FrozenBackbone,
-        layers: list[int],
-        blocks: int,
-        blur_sigma: float,
-        lr: float,
-        betas: list[float],
+        layers: Layers,
+        blocks: Count,
+        blur_sigma: NonNegative,
+        lr: Positive,
+        betas: Annotated[list[Annotated[float, Range(0, 1, high_open=True)]], Length(2)],  # Adam's
     ):
         super().__init__(backbone)
         self.save_hyperparameters(ignore=["backbone"])
