@@ -80,15 +80,16 @@ def output_name(path: Path, base: Path) -> str:
 
 
 def write_outputs(out: Path, name: str, image: Image.Image, raw_map: torch.Tensor, score: float, post: Postprocessor,
-                  maps_format: str) -> dict:
-    """Map and overlay at the image's own size; the row's per-pixel figures."""
-    from tiled_hydra.reporting.overlays import draw_overlay, explain, verdict_of  # matplotlib: ~1 s, not for --help
+                  maps_format: str, source: str = "") -> dict:
+    """Map and overlay (of the image file ``source``) at the image's own size; the row's per-pixel figures."""
+    # imported here: matplotlib takes ~1 s to load, which --help and the option checks do not need
+    from tiled_hydra.reporting.overlays import draw_overlay, explain, short_path, verdict_of
 
     own = at_size(raw_map, (image.height, image.width))
     map_file = write_map(out / "maps" / name, own, post, maps_format)
     verdict, heat, prediction = verdict_of(score, post, own)
     overlay_file = draw_overlay(out / "overlays" / f"{name}.png", np.asarray(image), heat, prediction, explain(verdict),
-                                f"{name}  |  thresholds from the run's postprocess.json")
+                                f"{short_path(source or name)}  |  thresholds from the run's postprocess.json")
     return {"anomalous_area_px": verdict.area_px, "anomalous_area_fraction": round(verdict.area_px / own.numel(), 6),
             "map": str(map_file), "overlay": str(overlay_file)}
 
@@ -134,7 +135,8 @@ def predict(args: DictConfig) -> int:
             for k, (path, image) in enumerate(readable):
                 row = {"path": str(path), "score": repr(float(scores[k])), "normalized_score": round(float(normalized[k]), 6),
                        "pred_label": int(labels[k])}
-                row |= write_outputs(out, output_name(path, base), image, maps[k], float(scores[k]), post, str(args.maps))
+                row |= write_outputs(out, output_name(path, base), image, maps[k], float(scores[k]), post,
+                                     str(args.maps), str(path))
                 rows.append(row)
         progress.update(len(batch_files))
     progress.close()
