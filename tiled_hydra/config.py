@@ -642,17 +642,18 @@ def check_target(cfg: DictConfig, key: str, passed_at_run_time: tuple[str, ...] 
     signature = source_signature(target) or imported_signature(target)
     name = target.rpartition(".")[2]
     settings = OmegaConf.to_container(node, resolve=True)
-    ctx = _Context(key, settings, backbone_facts(cfg, settings.get("layers")))
-    for sub, value in settings.items():
-        if sub.startswith("_"):
-            continue
-        if sub not in signature.parameters:
-            if not signature.open_kwargs:
-                known = ", ".join(p for p in signature.parameters if p not in ("backbone", *passed_at_run_time))
-                raise ConfigError(f"{key}.{sub}: not a setting of {name} (its settings: {known})")
-            continue
-        if (problem := value_problem(f"{key}.{sub}", value, signature.hints.get(sub, typing.Any), ctx)) is not None:
-            raise ConfigError(problem)
+    facts = backbone_facts(cfg, settings.get("layers"))
+    for sub in settings:
+        if not sub.startswith("_") and sub not in signature.parameters and not signature.open_kwargs:
+            known = ", ".join(p for p in signature.parameters if p not in ("backbone", *passed_at_run_time))
+            raise ConfigError(f"{key}.{sub}: not a setting of {name} (its settings: {known})")
+    # Each value on its own first, then against the others: a bad n_features is named as such,
+    # not as a k above it.
+    for ctx in (_Context(key, {}, facts), _Context(key, settings, facts)):
+        for sub, value in settings.items():
+            if sub in signature.parameters and (
+                    problem := value_problem(f"{key}.{sub}", value, signature.hints.get(sub, typing.Any), ctx)):
+                raise ConfigError(problem)
 
 
 def validate(cfg: DictConfig) -> None:

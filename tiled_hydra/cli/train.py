@@ -183,6 +183,9 @@ def cli(args: list[str] | None = None) -> None:
         main()
     except (HydraException, OmegaConfBaseException) as err:
         fail(PROG, ConfigError(f"{first_line(err)} (python -m tiled_hydra --help lists the groups and keys)"))
+    except OSError as err:  # e.g. a hydra.run.dir that cannot be created (a file on its path, no permission)
+        where = f"{err.filename}: " if err.filename else ""
+        fail(PROG, TiledHydraError(f"{where}{err.strerror or first_line(err)}"))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def tile_problem(tile_size, settings: dict | None = None) -> str | None:
 
 def crop_problem(train_crop, settings: dict) -> str | None:
     """The random training crop must halve as often as its tile does."""
-    if tile_problem(settings["tile_size"]) is not None:
+    if settings.get("tile_size") is None or tile_problem(settings["tile_size"]) is not None:
         return None  # the tile's own message comes first
     tile = pair(settings["tile_size"])
     factor = 2 ** (levels(tile) - 1)
