@@ -90,11 +90,17 @@ def compose_options(prog: str, config_name: str, argv: list[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=quote_plain_values(argv))
+            options = compose(config_name, overrides=quote_plain_values(argv))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"{first_line(err)} (see {prog} --help)") from None
     finally:
         GlobalHydra.instance().clear()
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(options))  # the ??? of conf/<config_name>.yaml
+    if missing:
+        raise ConfigError(f"{', '.join(f'{key}=...' for key in missing)} required (see {prog} --help)")
+    return options
 
 
 def run_command(prog: str, config_name: str, usage: str, body: Callable, argv: list[str] | None = None) -> None:
