@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_run import write_mvtec
+from tests.helpers import assert_one_line, write_mvtec
 from tiled_hydra.analysis import compare as cmp
-from tiled_hydra.analysis import datastats
-
-REPO = Path(__file__).resolve().parent.parent
 
 # image AUROC per (setup, model, category, seed); pixel AUPRO = AUROC - 0.1 everywhere.
 AUROC = {
@@ -176,35 +170,81 @@ def test_unreadable_or_failed_runs_are_left_out_with_a_note(hand_made, tmp_path)
         cmp.load_runs([str(damaged)])
 
 
-def run_compare(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "tiled_hydra.compare", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("source, message", [
     ("/does/not/exist", "no such directory"),
     ("EMPTY", "no results.json and no W&B offline run"),
     ("nobody/no_project", "cannot read W&B project nobody/no_project"),
 ])
-def test_bad_source_is_one_line(tmp_path, source, message):
+def test_bad_source_is_one_line(call, tmp_path, source, message):
+    from tiled_hydra.cli.compare import main
+
     if source == "EMPTY":
         source = str(tmp_path)
-    proc = run_compare(source, "--out", str(tmp_path / "out"))
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    ran = call(main, [f"sources={source}", f"out={tmp_path / 'out'}"])
+    assert_one_line(ran.code, ran.err, message, expected_code=2)
 
 
-def test_datastats_defect_share_of_a_tiny_tree(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    ([], "sources"),  # required
+    (["sources"], "is not key=value"),
+    (["sources=x", "colour=red"], "colour"),
+])
+def test_compare_usage_errors_are_one_line(call, args, message):
+    from tiled_hydra.cli.compare import main
+
+    ran = call(main, args)
+    assert_one_line(ran.code, ran.err, message, expected_code=2)
+    assert ran.err.startswith("tiled_hydra.compare: error:")
+
+
+def test_compare_help_lists_its_options(call):
+    from tiled_hydra.cli.compare import main
+
+    ran = call(main, ["--help"])
+    assert ran.code == 0 and ran.out.startswith("usage: tiled-hydra-compare")
+    for key in ("sources:", "out:", "datastats:", "from_wandb:", "baseline:"):
+        assert key in ran.out, key
+
+
+def test_datastats_defect_share_of_a_tiny_tree(call, tmp_path):
+    from tiled_hydra.cli.datastats import main
+
     # write_mvtec: 3 defective 64x64 images, each with one 8x8 defect -> 64 / 4096 = 1.5625 %.
     root = write_mvtec(tmp_path / "data", n_train=2, n_good=1, n_bad=3)
     out = tmp_path / "stats.json"
-    datastats.main(["dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "--image-size", "64", "--out", str(out)])
+    ran = call(main, ["dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "image_size=64", f"out={out}"])
+    assert ran.code == 0, ran.err
     entry = json.loads(out.read_text())["mvtec/widget"]
     assert entry["defect_share"] == pytest.approx(64 / 4096)
     assert entry["defective_images"] == 3
+    assert f"written: {out}" in ran.out
     assert cmp_figures_stats(out) == {("mvtec", "widget"): pytest.approx(64 / 4096)}
+
+
+def test_datastats_measures_several_categories_and_merges_into_the_file(call, tmp_path):
+    from tiled_hydra.cli.datastats import main
+
+    root = write_mvtec(tmp_path / "data", category="a", n_train=2, n_good=1, n_bad=2)
+    write_mvtec(root, category="b", n_train=2, n_good=1, n_bad=1)
+    out = tmp_path / "stats.json"
+    out.write_text(json.dumps({"visa/x": {"dataset": "visa", "category": "x", "defect_share": 0.5}}))
+    ran = call(main, ["dataset=mvtec", f"dataset.root={root}", "dataset.category=[a,b]", "image_size=64", f"out={out}"])
+    assert ran.code == 0, ran.err
+    stats = json.loads(out.read_text())
+    assert set(stats) == {"visa/x", "mvtec/a", "mvtec/b"}  # merged, not overwritten
+    assert stats["mvtec/a"]["defective_images"] == 2 and stats["mvtec/b"]["defective_images"] == 1
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["image_size=4"], "image_size=4", 2),
+    (["dataset=mvtec", "dataset.root=/does/not/exist", "dataset.category=a"], "/does/not/exist", 1),
+])
+def test_datastats_errors_are_one_line(call, tmp_path, args, message, code):
+    from tiled_hydra.cli.datastats import main
+
+    ran = call(main, [*args, f"out={tmp_path / 'stats.json'}"])
+    assert_one_line(ran.code, ran.err, message, expected_code=code)
+    assert not (tmp_path / "stats.json").exists()
 
 
 def cmp_figures_stats(path: Path) -> dict:
@@ -236,28 +276,27 @@ def test_runs_differing_in_a_setting_get_their_own_column(tmp_path):
     assert len(result["runs"]) == 3
 
 
-@pytest.mark.slow
-def test_real_sweep_over_a_model_setting_keeps_both_runs(tmp_path):
-    from tests.test_run import tiny_overrides
-
-    root = write_mvtec(tmp_path / "data", n_train=4, n_good=2, n_bad=2)
-    sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tiled_hydra", "-m", *tiny_overrides("sm256", root), "speed.enabled=false",
-                           "model.net.n_features=20,50", f"hydra.sweep.dir={sweep}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.parent for p in sweep.rglob("results.json"))  # job dirs nest: dataset.root is a path
-    assert len(jobs) == 2
-    # A copy of a finished job is the same configuration: the one duplicate.
+def test_real_sweep_over_an_evaluation_setting_keeps_both_runs(main_cli, trained_run, tiny, tmp_path):
+    """A real multirun over merge.score (both jobs evaluate the cached ENS4 run's slots, shared through
+    ensemble.checkpoint_dir): two configurations, two columns; a copy of a job is the one duplicate."""
     import shutil
 
+    cached = trained_run("padim", "ens4")
+    sweep = tmp_path / "sweep"
+    ran = main_cli(["-m", *tiny.canonical("ens4"), "merge=default,max", "ensemble.stage=evaluate",
+                    f"ensemble.checkpoint_dir={cached.run_dir / 'checkpoints'}", f"hydra.sweep.dir={sweep}"])
+    assert ran.code == 0, ran.err[-3000:]
+    jobs = sorted(p.parent for p in sweep.rglob("results.json"))  # job dirs nest: dataset.root is a path
+    assert len(jobs) == 2
+    scores = {json.loads((j / "results.json").read_text())["merge_score"]: j for j in jobs}
+    assert json.loads((scores["mean"] / "results.json").read_text())["image_AUROC"] == cached.results["image_AUROC"]
     shutil.copytree(jobs[0], sweep / "copy_of_first_job", ignore=shutil.ignore_patterns("checkpoints", "wandb"))
     result = cmp.compare([str(sweep)], tmp_path / "out")
-    assert result["tables"][0].columns == ["padim (model.net.n_features=20)", "padim (model.net.n_features=50)"]
+    columns = result["tables"][0].columns
+    assert len(columns) == 2 and any("merge.score=max" in c for c in columns), columns
     assert "left out 1 duplicate run(s) (same configuration fingerprint)" in result["notes"]
     markdown = (tmp_path / "out" / "table.md").read_text()
-    assert "padim (model.net.n_features=20)" in markdown and "padim (model.net.n_features=50)" in markdown
+    assert all(c in markdown for c in columns)
 
 
 def test_intervals_and_paired_significance_from_per_image_records(tmp_path):

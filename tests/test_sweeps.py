@@ -15,10 +15,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, choices
+from tests.helpers import CONF_DIR, REPO, choices, ok, python_m
 from tiled_hydra.core.tiling import TileGrid
 
-REPO = Path(__file__).resolve().parent.parent
 SWEEPS = [s for s in choices("sweep") if not s.startswith("_")]
 PAPER_SETUPS = ["sm256", "sm512", "st4", "st9", "ens4", "ens9"]
 PAPER_MODELS = ["padim", "patchcore", "fastflow", "reverse_distillation"]
@@ -136,41 +135,25 @@ def test_slurm_config_renders_an_sbatch_script_with_one_gpu(compose_cfg, tmp_pat
 
 # -- a real sweep -----------------------------------------------------------------------------------
 # The smoke sweep with its two setups replaced by two that share one tiny geometry (64 px image,
-# 32 px tiles): ST4 (one model for all tiles) and ENS4 (one per tile), PaDiM, seeds 0 and 1.
-TINY_SMOKE = [
-    "+sweep=smoke", "hydra/launcher=local_parallel", "+setup=st4,ens4", "model=padim",
-    "++setup.image_size=64", "++setup.tile_size=32", "++setup.stride=32",
-    "dataset.resolution=64", "dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6",
-    "speed.warmup=1", "speed.repeats=2", "speed.batch_size=2",
-]
-
-
-def run_sweep(sweep_dir: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tiled_hydra", "-m", *TINY_SMOKE, f"hydra.sweep.dir={sweep_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def run_compare(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tiled_hydra.compare", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+# 32 px tiles): ST4 (one model for all tiles) and ENS4 (one per tile), PaDiM, seeds 0 and 1; W&B offline.
+def tiny_smoke(data_root: Path) -> list[str]:
+    return ["+sweep=smoke", "+setup=st4,ens4", "model=padim", "++setup.image_size=64", "++setup.tile_size=32",
+            "++setup.stride=32", f"dataset.root={data_root}", "dataset.resolution=64", "dataset.n_train=6",
+            "dataset.n_val=4", "dataset.n_test=6", "speed.enabled=true", "speed.warmup=1", "speed.repeats=2",
+            "speed.batch_size=2", "report.overlays=1"]
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
+def tiny_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path]:
+    """Four jobs through Hydra's joblib launcher, two processes at a time (a real process boundary)."""
     root = tmp_path_factory.mktemp("sweep")
-    start = time.perf_counter()
-    proc = run_sweep(root / "multirun", root / "cache")  # the synthetic data is generated into root/cache
-    return root / "multirun", proc, time.perf_counter() - start
+    proc = ok(python_m("tiled_hydra", ["-m", "hydra/launcher=local_parallel", *tiny_smoke(root / "data"),
+                                       f"hydra.sweep.dir={root / 'multirun'}"]))
+    return root / "multirun", proc, root / "data"
 
 
-@pytest.mark.slow
 def test_joblib_sweep_runs_two_jobs_in_parallel(tiny_sweep):
-    sweep_dir, proc, seconds = tiny_sweep
+    sweep_dir, proc, _ = tiny_sweep
     log = proc.stdout + proc.stderr
     assert "Joblib.Parallel(n_jobs=2" in log and "launching 4 jobs" in log
     jobs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
@@ -180,56 +163,65 @@ def test_joblib_sweep_runs_two_jobs_in_parallel(tiny_sweep):
     # Two jobs ran at the same time: their [start, end] intervals overlap.
     spans = sorted(((j / ".hydra" / "config.yaml").stat().st_mtime, (j / "results.json").stat().st_mtime) for j in jobs)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
-    print(f"tiny joblib sweep: 4 jobs, 2 at a time, {seconds:.0f} s")
+    assert len({json.loads((j / "results.json").read_text())["fingerprint"] for j in jobs}) == 4
 
 
-def check_compare_output(out: Path, proc: subprocess.CompletedProcess, runs: list[dict]) -> None:
-    assert "synthetic: image AUROC / pixel AUPRO (%)" in proc.stdout
-    assert "st4" in proc.stdout and "ens4" in proc.stdout and "padim" in proc.stdout
+def compare_cli(call, *args: str):
+    from tiled_hydra.cli.compare import main
+
+    ran = call(main, list(args))
+    assert ran.code == 0, ran.err[-3000:]
+    return ran
+
+
+def check_compare_output(out: Path, printed: str, runs: list[dict]) -> None:
+    assert "synthetic: image AUROC / pixel AUPRO (%)" in printed
+    assert "st4" in printed and "ens4" in printed and "padim" in printed
     for name in ("table.md", "table.csv", "per_category.md", "per_category.csv", "fig5_memory.png"):
         assert (out / name).stat().st_size > 0, name
     table = (out / "table.md").read_text()
     assert "| st4 |" in table and "| ens4 |" in table and " ± " in table
-    assert "Fig. 6 skipped" in proc.stdout  # both setups share one image size: no resolution curve
+    assert "Fig. 6 skipped" in printed  # both setups share one image size: no resolution curve
     # Figures 7 and 8 exist exactly when the runs recorded their data (defect_share, latency_ms).
     assert (out / "fig7_defect_size.png").exists() == all("defect_share" in r for r in runs)
     assert (out / "fig8_latency_throughput.png").exists() == all("latency_ms" in r for r in runs)
+    assert all("latency_ms" in r for r in runs)  # speed.enabled=true in every job
 
 
-@pytest.mark.slow
-def test_compare_reads_the_sweep_from_results_json(tiny_sweep, tmp_path):
+def test_compare_reads_the_sweep_from_results_json(call, tiny_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     sweep_dir, _, _ = tiny_sweep
     runs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
-    proc = run_compare(str(sweep_dir), "--out", str(tmp_path))
-    check_compare_output(tmp_path, proc, runs)
-    assert "4 runs" in proc.stdout
+    ran = compare_cli(call, f"sources={sweep_dir}", f"out={tmp_path}")
+    check_compare_output(tmp_path, ran.out, runs)
+    assert "4 runs" in ran.out
 
 
-@pytest.mark.slow
-def test_compare_reads_the_same_sweep_from_wandb_offline_runs(tiny_sweep, tmp_path):
+def test_compare_reads_the_same_sweep_from_wandb_offline_runs(call, tiny_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     sweep_dir, _, _ = tiny_sweep
     offline = sorted(str(p) for p in sweep_dir.glob("*/wandb/offline-run-*"))
     assert len(offline) == 4
     runs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
-    proc = run_compare(*offline, "--out", str(tmp_path / "from_dirs"))
-    check_compare_output(tmp_path / "from_dirs", proc, runs)
+    ran = compare_cli(call, f"sources=[{','.join(offline)}]", f"out={tmp_path / 'from_dirs'}")
+    check_compare_output(tmp_path / "from_dirs", ran.out, runs)
     # The same tables as from results.json.
-    reference = run_compare(str(sweep_dir), "--out", str(tmp_path / "reference"))
+    compare_cli(call, f"sources={sweep_dir}", f"out={tmp_path / 'reference'}")
     assert (tmp_path / "from_dirs" / "table.csv").read_text() == (tmp_path / "reference" / "table.csv").read_text()
-    assert reference.returncode == 0
-    # --from-wandb on the multirun directory reads the same offline runs.
-    run_compare(str(sweep_dir), "--from-wandb", "--out", str(tmp_path / "from_flag"))
+    # from_wandb=true on the multirun directory reads the same offline runs.
+    compare_cli(call, f"sources={sweep_dir}", "from_wandb=true", f"out={tmp_path / 'from_flag'}")
     assert (tmp_path / "from_flag" / "table.csv").read_text() == (tmp_path / "reference" / "table.csv").read_text()
 
 
-@pytest.mark.slow
-def test_rerun_skips_finished_jobs_and_runs_the_missing_one(tiny_sweep):
-    sweep_dir, _, _ = tiny_sweep
+def test_rerun_skips_finished_jobs_and_runs_the_missing_one(main_cli, tiny_sweep):
+    # The same sweep again, in this process (Hydra's basic launcher, no W&B: neither is part of a
+    # job's name or fingerprint): the three finished jobs are read back, the missing one runs.
+    sweep_dir, _, data_root = tiny_sweep
     jobs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     finished = {j: (j / "results.json").stat().st_mtime_ns for j in jobs[1:]}
     (jobs[0] / "results.json").unlink()  # as if this job had died
-    proc = run_sweep(sweep_dir, sweep_dir.parent / "cache")
-    log = proc.stdout + proc.stderr
-    assert log.count("skipped:") == 3
+    ran = main_cli(["-m", "hydra/launcher=basic", "logger=none", *tiny_smoke(data_root), f"hydra.sweep.dir={sweep_dir}"])
+    assert ran.code == 0, ran.err[-3000:]
+    assert ran.out.count("read, not recomputed") == 3
     assert (jobs[0] / "results.json").exists()
     assert {j: (j / "results.json").stat().st_mtime_ns for j in jobs[1:]} == finished
