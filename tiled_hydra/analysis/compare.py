@@ -5,7 +5,7 @@
 
 SOURCE is
 - a multirun (or any) directory: every results.json below it, with its job's .hydra/config.yaml;
-  a directory without results.json is searched for W&B offline runs instead (--from-wandb forces that);
+  a directory without results.json is searched for W&B offline runs instead (from_wandb=true forces that);
 - W&B offline run directories (``.../wandb/offline-run-*``), read without the network;
 - a W&B project path ``entity/project`` (online, after ``wandb login``).
 

@@ -34,7 +34,7 @@ def load_datastats(path: Path) -> dict[tuple[str, str], float]:
         entries = json.loads(Path(path).read_text())
         return {(e["dataset"], e["category"]): float(e["defect_share"]) for e in entries.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CompareError(f"--datastats {path}: not a file written by python -m tiled_hydra.datastats ({err})") from None
+        raise CompareError(f"datastats={path}: not a file written by python -m tiled_hydra.datastats ({err})") from None
 
 
 def defect_sizes_from_runs(runs: list[dict]) -> dict[tuple[str, str], float]:
@@ -170,10 +170,10 @@ def defect_size(runs: list[dict], out: Path, stats: dict[tuple[str, str], float]
     """Fig. 7: image AUROC and pixel AUPRO per category (mean over models and seeds) vs defect size."""
     if not stats:
         return None, ("Fig. 7 skipped: no defect sizes (no defect_share in the runs); measure them with "
-                      "`python -m tiled_hydra.datastats dataset=... dataset.category=...` and pass --datastats FILE")
+                      "`python -m tiled_hydra.datastats dataset=... dataset.category=...` and pass datastats=FILE")
     runs = [r for r in grid_runs(runs) if (r["dataset"], r["category"]) in stats]
     if not runs:
-        return None, "Fig. 7 skipped: the --datastats file has none of the runs' dataset/category pairs"
+        return None, "Fig. 7 skipped: the datastats file has none of the runs' dataset/category pairs"
     present = {r["setup"] for r in runs}
     pair = {"sm256", "ens9"}  # the paper's pair; other grids show every setup they have
     setups = ["sm256", "ens9"] if pair <= present else paper_order(present, PAPER_SETUPS)

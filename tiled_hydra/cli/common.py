@@ -82,6 +82,7 @@ def compose_options(prog: str, config_name: str, argv: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     for arg in argv:
@@ -95,6 +96,10 @@ def compose_options(prog: str, config_name: str, argv: list[str]):
         raise ConfigError(f"{first_line(err)} (see {prog} --help)") from None
     finally:
         GlobalHydra.instance().clear()
+    missing = sorted(OmegaConf.missing_keys(options))
+    if missing:
+        raise ConfigError(f"{missing[0]}=... is required (see {prog} --help)")
+    return options
     from omegaconf import OmegaConf
 
     missing = sorted(OmegaConf.missing_keys(options))  # the ??? of conf/<config_name>.yaml
