@@ -65,6 +65,8 @@ COMMON = [
     (["model.max_epochs=0"], "model.max_epochs"),
     (["model.max_steps=0"], "model.max_steps"),
     (["merge.seam_smoothing.sigma=-1"], "merge.seam_smoothing.sigma"),
+    (["merge.calibration=global"], "merge.calibration"),
+    (["merge.window=square"], "merge.window"),
     (["merge.seam_smoothing.width_fraction=0.7"], "merge.seam_smoothing.width_fraction"),
     (["metrics.aupro_fpr_limit=1.5"], "metrics.aupro_fpr_limit"),
     (["metrics.region_overlap=0"], "metrics.region_overlap"),
@@ -232,12 +234,14 @@ def test_trainer_lists_equal_lightnings():
     assert set(PRECISIONS) == set(typing.get_args(_PRECISION_INPUT_STR))
 
 
-def test_inference_choices_equal_the_engines():
-    from tiled_hydra.config import INFERENCE_FEATURES, INFERENCE_MODES
+def test_choices_listed_for_the_check_equal_the_codes():
+    from tiled_hydra.config import INFERENCE_FEATURES, INFERENCE_MODES, MERGE_CALIBRATIONS, MERGE_WINDOWS
+    from tiled_hydra.core.calibration import CALIBRATIONS, WINDOWS
     from tiled_hydra.core.features import FEATURES
     from tiled_hydra.inference.engine import MODES
 
     assert INFERENCE_MODES == tuple(MODES) and INFERENCE_FEATURES == tuple(FEATURES)
+    assert MERGE_CALIBRATIONS == tuple(CALIBRATIONS) and MERGE_WINDOWS == tuple(WINDOWS)
 
 
 # -- the process boundary: the one test that starts a process ---------------------------------------------------------

@@ -68,6 +68,8 @@ ENSEMBLE_STAGES = ("all", "train", "evaluate")
 INFERENCE_MODES = ("sequential", "resident")  # tiled_hydra.inference.engine.MODES
 INFERENCE_FEATURES = ("per_tile", "whole_image")  # tiled_hydra.core.features.FEATURES
 METRIC_RESOLUTIONS = ("auto", "native", "setup")
+MERGE_CALIBRATIONS = ("none", "slot", "slot_position")  # tiled_hydra.core.calibration.CALIBRATIONS
+MERGE_WINDOWS = ("flat", "hann", "cosine")  # tiled_hydra.core.calibration.WINDOWS
 
 
 def group_options(group: str) -> list[str]:
@@ -666,6 +668,9 @@ def validate(cfg: DictConfig) -> None:
     check_int(cfg, "model.max_epochs", 1, allowed=(-1,))
     check_int(cfg, "model.max_steps", 1, allowed=(-1,))
     check_choice(cfg, "merge.score", MERGE_SCORES)
+    for key, choices in (("merge.calibration", MERGE_CALIBRATIONS), ("merge.window", MERGE_WINDOWS)):
+        if _get(cfg, key) is not None:
+            check_choice(cfg, key, choices)
     check_bool(cfg, "merge.seam_smoothing.enabled")
     check_number(cfg, "merge.seam_smoothing.sigma", 0.0, low_open=True)
     check_number(cfg, "merge.seam_smoothing.width_fraction", 0.0, 0.5)
