@@ -44,6 +44,8 @@ def check_options(args: DictConfig) -> None:
         raise ConfigError(f"mode={args.mode}: choose sequential or resident")
     if args.device not in (None, "auto", "cpu", "gpu", "cuda"):
         raise ConfigError(f"device={args.device}: choose auto, cpu or gpu")
+    if args.runtime not in ("torch", "onnx"):
+        raise ConfigError(f"runtime={args.runtime}: choose torch or onnx")
 
 
 def writable_output(out: Path, run_dir: Path) -> None:
@@ -103,11 +105,16 @@ def predict(args: DictConfig) -> int:
     files, base = list_inputs(str(args.input))
     writable_output(out, run_dir)
     post, fitted_on = load_postprocessor(run_dir / POSTPROCESS_FILE)
-    from tiled_hydra.build import open_trained_run  # loads torch and the models: after every cheap check
+    if args.runtime == "onnx":  # the exported graphs (tiled_hydra_runtime) compute the maps and scores
+        from tiled_hydra.export.predict import onnx_engine
 
-    _, run = open_trained_run(run_dir, args.mode, args.device)
-    engine = run.engine(keep=True)
-    size = run.grid.image_size
+        engine, size = onnx_engine(run_dir, args.artifact, out)
+    else:
+        from tiled_hydra.build import open_trained_run  # loads torch and the models: after every cheap check
+
+        _, run = open_trained_run(run_dir, args.mode, args.device)
+        engine = run.engine(keep=True)
+        size = run.grid.image_size
     log.info("%d files; post-processing fitted on %s", len(files), fitted_on)
 
     rows, failed = [], []
