@@ -74,22 +74,23 @@ def verdict(score, area, peak, label=None, kind=None):
 def test_flagged_without_any_pixel_above_the_pixel_threshold_says_so_and_marks_the_peak():
     text = explain(verdict(55.0, 0, 0.4999, label=1, kind="scratch"))
     assert text.mark_peak and text.alarm
-    assert text.headline == "defective image (scratch), image score 55 ≥ image threshold 50: flagged anomalous (detected)"
-    assert text.region.startswith("flagged by its image score; no pixel above the pixel threshold 60")
+    assert text.headline == "defective image (scratch), image score 55 ≥ image threshold 50: labelled anomalous (detected)"
+    assert text.region.startswith("labelled anomalous by its image score alone; no pixel above the pixel threshold 60")
     assert "peak 0.49 < 0.5" in text.region  # rounded down: 0.4999 never reads "0.50 < 0.5"
 
 
 def test_the_header_states_score_threshold_label_and_ground_truth():
     missed = explain(verdict(44.56, 0, 0.3, label=1, kind="crack"))
-    assert missed.headline == "defective image (crack), image score 44.56 < image threshold 50: not flagged (missed)"
+    assert missed.headline == "defective image (crack), image score 44.56 < image threshold 50: labelled normal (missed)"
     assert not missed.mark_peak and not missed.alarm and "nothing outlined" in missed.region
     alarm = explain(verdict(70.0, 120, 0.8, label=0))
-    assert alarm.headline.startswith("normal image, image score 70 ≥ image threshold 50: flagged anomalous (false alarm)")
+    assert alarm.headline == "normal image, image score 70 ≥ image threshold 50: labelled anomalous (false alarm)"
     assert alarm.region.startswith("white outline: 120 px (1.2 % of the image) at or above the pixel threshold 60")
     # pixels above the pixel threshold in an image that is not flagged: the label is the image score's
     quiet = explain(verdict(30.0, 15, 0.6))
-    assert quiet.headline == "normal: image score 30 < image threshold 50" and "image score alone" in quiet.region
-    assert explain(verdict(50.0, 15, 0.6)).headline == "anomalous: image score 50 ≥ image threshold 50"  # >=, as predict
+    assert quiet.headline == "labelled normal: image score 30 < image threshold 50"
+    assert quiet.region.endswith("yet the image is labelled normal: the label comes from the image score alone")
+    assert explain(verdict(50.0, 15, 0.6)).headline == "labelled anomalous: image score 50 ≥ image threshold 50"  # >=
 
 
 def test_scores_show_enough_digits_to_differ_from_the_threshold():

@@ -4,8 +4,8 @@ and for the new images predict scores (OUTPUT/overlays/).
 A header says the image score against the image threshold and the label it gives (for a run's test
 images also the ground truth and whether that is a detection, a miss or a false alarm), what the
 outline shows, and why the image was chosen. Three panels at the image's own aspect ratio: the image
-(ground truth outlined green when known) | the normalised map over the image with the predicted
-anomalous region (map at or above the pixel threshold) outlined white, a colour bar below | a crop
+(ground truth outlined green when known) | the normalised map over the image, the pixels at or above
+the pixel threshold (the predicted anomalous region) outlined white, a colour bar below | a crop
 around the worst spot at the image's own resolution, where a defect of a few pixels is still visible.
 The worst spot is the least-detected ground-truth region of a defective image (the largest region
 when all are found), else the map's peak.
@@ -14,6 +14,7 @@ when all are found), else the map's peak.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,8 @@ def compared(score: float, threshold: float) -> tuple[str, str]:
     return a, b
 
 
-OUTCOMES = {(1, True): "flagged anomalous (detected)", (1, False): "not flagged (missed)",
-            (0, True): "flagged anomalous (false alarm)", (0, False): "not flagged (correct)"}
+OUTCOMES = {(1, True): "labelled anomalous (detected)", (1, False): "labelled normal (missed)",
+            (0, True): "labelled anomalous (false alarm)", (0, False): "labelled normal (correct)"}
 
 
 def explain(v: Verdict) -> Explanation:
@@ -105,7 +106,7 @@ def explain(v: Verdict) -> Explanation:
     score, threshold = compared(v.score, v.image_threshold)
     relation = f"image score {score} {'≥' if v.flagged else '<'} image threshold {threshold}"
     if v.label is None:
-        headline = f"{'anomalous' if v.flagged else 'normal'}: {relation}"
+        headline = f"labelled {'anomalous' if v.flagged else 'normal'}: {relation}"
     else:
         truth = "normal image" if not v.label else f"defective image ({v.defect_type})" if v.defect_type else "defective image"
         headline = f"{truth}, {relation}: {OUTCOMES[(int(bool(v.label)), v.flagged)]}"
@@ -115,9 +116,10 @@ def explain(v: Verdict) -> Explanation:
         share = 100 * v.area_px / max(v.image_px, 1)
         region = f"white outline: {v.area_px:,} px ({share:.2g} % of the image) at or above {pixel_threshold}"
         if not v.flagged:
-            region += "; the label comes from the image score alone, which is below its threshold"
+            region += ", yet the image is labelled normal: the label comes from the image score alone"
     elif v.flagged:
-        region = f"flagged by its image score; no pixel above {pixel_threshold} (normalised map peak {peak} < 0.5, circled)"
+        region = (f"labelled anomalous by its image score alone; no pixel above {pixel_threshold} "
+                  f"(normalised map peak {peak} < 0.5, circled)")
     else:
         region = f"no pixel above {pixel_threshold} (normalised map peak {peak} < 0.5): nothing outlined"
     return Explanation(headline, region, mark_peak=v.flagged and not v.area_px, alarm=v.flagged)
@@ -201,29 +203,108 @@ def outline(ax, mask: np.ndarray | None, color: str, offset: tuple[int, int] = (
     lines.set_path_effects(_HALO)
 
 
-def _axes(fig: Figure, x: float, y: float, w: float, h: float, size: tuple[float, float]):
-    """Axes at (x, y) px from the figure's bottom-left corner, w x h px, without frame or ticks."""
-    ax = fig.add_axes((x / size[0], y / size[1], w / size[0], h / size[1]))
-    ax.set_axis_off()
-    return ax
+# Header lines: (font size, weight, colour, px per character of DejaVu Sans (measured, a little high
+# so that wrapped lines never run off the figure), line height px).
+HEADLINE = (11, "bold", None, 8.8, 20)
+REGION = (9.5, "normal", "black", 6.8, 17)
+NOTE = (8.5, "normal", "#444444", 6.0, 15)
+TITLE_PX_PER_CHAR, TITLE_LINE = 5.6, 11  # panel titles, 8 pt
+MIN_FIGURE_WIDTH = 1000  # px: a portrait image's figure keeps room for the header
 
 
-def panel_title(fig: Figure, x: float, y: float, text: str, size: tuple[float, float]) -> None:
-    fig.text(x / size[0], y / size[1], text, fontsize=8, ha="center", va="bottom")
+def wrap(text: str, px: float, px_per_char: float) -> list[str]:
+    """``text`` (its own lines kept) wrapped at word boundaries to fit ``px`` pixels."""
+    width = max(10, int(px / px_per_char))
+    return [line for part in text.split("\n") for line in (textwrap.wrap(part, width) or [""])]
 
 
-def colour_bar(fig: Figure, box: tuple[float, float, float, float], size: tuple[float, float]) -> None:
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes, in px of the saved figure (dpi 100): the header lines, then three panels
+    side by side (titles above, the colour bar below the middle one)."""
+
+    width: int  # of each full view; its height keeps the image's aspect ratio
+    height: int
+    crop: int  # side of the square crop panel
+    figure_width: int
+    header: list[tuple[list[str], tuple]]  # wrapped lines and their style
+    titles: list[list[str]]  # wrapped, per panel
+    pad: int = 12
+    bar: int = 62
+
+    @classmethod
+    def of(cls, size: tuple[int, int], header: list[tuple[str, tuple]], titles: list[str], pad: int = 12) -> "Layout":
+        scale = PANEL_LONG_SIDE / max(size)
+        width, height = round(size[1] * scale), round(size[0] * scale)
+        crop = max(height, MIN_CROP_PANEL)
+        figure_width = max(4 * pad + 2 * width + crop, MIN_FIGURE_WIDTH)
+        wrapped = [(wrap(text, figure_width - 2 * pad, style[3]), style) for text, style in header]
+        titled = [wrap(t, w + pad, TITLE_PX_PER_CHAR) for t, w in zip(titles, (width, width, crop))]
+        return cls(width, height, crop, figure_width, wrapped, titled, pad)
+
+    @property
+    def header_height(self) -> int:
+        return 18 + sum(len(lines) * style[4] for lines, style in self.header)
+
+    @property
+    def figure(self) -> tuple[int, int]:
+        title = TITLE_LINE * max(len(t) for t in self.titles) + 10
+        return self.figure_width, self.header_height + title + max(self.height, self.crop) + self.bar
+
+    def panel(self, k: int) -> tuple[float, float, float, float]:
+        """(x, y, w, h) of panel k (0, 1: full views, 2: crop) from the figure's bottom-left corner."""
+        x = (k + 1) * self.pad + k * self.width
+        w, h = (self.crop, self.crop) if k == 2 else (self.width, self.height)
+        return x, self.bar + (max(self.height, self.crop) - h) / 2, w, h
+
+    def axes(self, fig: Figure, box: tuple[float, float, float, float], frame: bool = False):
+        w, h = self.figure
+        ax = fig.add_axes((box[0] / w, box[1] / h, box[2] / w, box[3] / h))
+        if not frame:
+            ax.set_axis_off()
+        return ax
+
+    def text(self, fig: Figure, x: float, y: float, text: str, **style) -> None:
+        """``text`` at (x, y) px from the figure's bottom-left corner."""
+        w, h = self.figure
+        fig.text(x / w, y / h, text, **style)
+
+
+def header(fig: Figure, layout: Layout, alarm: bool) -> None:
+    y = layout.figure[1] - 8
+    for lines, (size, weight, colour, _, line_height) in layout.header:
+        colour = colour or ("#b00000" if alarm else "#1a3c8c")  # the headline: red anomalous, blue normal
+        for line in lines:
+            layout.text(fig, layout.pad, y, line, fontsize=size, weight=weight, color=colour, va="top")
+            y -= line_height
+
+
+def panel_titles(fig: Figure, layout: Layout) -> None:
+    """Titles as figure text: an axes title costs each draw a layout pass over its (hidden) ticks."""
+    for k, lines in enumerate(layout.titles):
+        x, y, w, h = layout.panel(k)
+        layout.text(fig, x + w / 2, y + h + 5, "\n".join(lines), fontsize=8, ha="center", va="bottom")
+
+
+def colour_bar(fig: Figure, layout: Layout) -> None:
     """The normalised scale 0..1 as painted over a mid-grey pixel, the pixel threshold marked."""
-    ax = fig.add_axes((box[0] / size[0], box[1] / size[1], box[2] / size[0], box[3] / size[1]))
+    x, _, w, _ = layout.panel(1)
+    bar_width = max(0.8 * w, 380)  # room for its two labels beside a narrow (portrait) panel
+    ax = layout.axes(fig, (max(layout.pad, x + (w - bar_width) / 2), 30, bar_width, 12), frame=True)
     ramp = paint(np.full((1, 256, 3), 128.0), np.linspace(0, 1, 256)[None])
     ax.imshow(ramp, extent=(0, 1, 0, 1), aspect="auto", interpolation="nearest")
     ax.axvline(0.5, color="black", linewidth=2)
     ax.set_yticks([])
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "0.25", "0.5", "0.75", "1"], fontsize=7)
     ax.tick_params(length=2, pad=1)
-    ax.text(0.25, 1.15, "below the pixel threshold: normal", ha="center", va="bottom", fontsize=7, transform=ax.transAxes)
-    ax.text(0.75, 1.15, "at or above: anomalous (outlined)", ha="center", va="bottom", fontsize=7, transform=ax.transAxes)
+    ax.text(0.25, 1.15, "below the pixel threshold", ha="center", va="bottom", fontsize=7, transform=ax.transAxes)
+    ax.text(0.75, 1.15, "anomalous pixels (outlined)", ha="center", va="bottom", fontsize=7, transform=ax.transAxes)
     ax.set_xlabel("normalised anomaly map (0.5 = pixel threshold)", fontsize=7, labelpad=1)
+
+
+def mark(ax, point: tuple[int, int], size: float) -> None:
+    ax.plot([point[1]], [point[0]], marker="o", markersize=size, markerfacecolor="none", markeredgecolor=PEAK_COLOR,
+            markeredgewidth=2, path_effects=_HALO)
 
 
 def draw_overlay(path: Path, image: np.ndarray, heat: np.ndarray, prediction: np.ndarray, explanation: Explanation,
@@ -233,59 +314,46 @@ def draw_overlay(path: Path, image: np.ndarray, heat: np.ndarray, prediction: np
     (raw map >= pixel threshold), ``mask`` the ground truth when known; ``note`` is the header's last
     line (which image, why chosen)."""
     size = image.shape[:2]
-    spot = worst_spot(heat, mask, prediction)
+    truth = mask is not None and bool(mask.any())
     peak = np.unravel_index(int(np.argmax(heat)), size)
-    rows, cols = crop_box(spot if not explanation.mark_peak or (mask is not None and mask.any()) else peak, size, CROP_SIDE)
-    scale = PANEL_LONG_SIDE / max(size)
-    width, height = round(size[1] * scale), round(size[0] * scale)
-    crop = max(height, MIN_CROP_PANEL)
-    pad, header, title, bar = 12, 72, 30, 62
-    fig_size = (4 * pad + 2 * width + crop, header + title + max(height, crop) + bar)
-    fig = Figure(figsize=(fig_size[0] / 100, fig_size[1] / 100), dpi=100)
-    fig.text(pad / fig_size[0], 1 - 10 / fig_size[1], explanation.headline, fontsize=11, weight="bold", va="top",
-             color="#b00000" if explanation.alarm else "#1a3c8c")
-    fig.text(pad / fig_size[0], 1 - 32 / fig_size[1], explanation.region, fontsize=9.5, va="top")
-    fig.text(pad / fig_size[0], 1 - 50 / fig_size[1], note, fontsize=8.5, va="top", color="#444444")
-    bottom = bar + (max(height, crop) - height) / 2
+    rows, cols = crop_box(worst_spot(heat, mask, prediction), size, CROP_SIDE)
+    legend = ["green dashed: true defect"] * truth + ["magenta circle: the map's peak"] * explanation.mark_peak
+    around = "the least-detected true defect" if truth else "the map's peak"  # as worst_spot
+    layout = Layout.of(size, [(explanation.headline, HEADLINE), (explanation.region, REGION), (note, NOTE)], [
+        "image" + (", true defect outlined green" if truth else ""),
+        "\n".join(["anomaly map; white outline: pixels at or above the pixel threshold", *(["; ".join(legend)] if legend else [])]),
+        f"cyan box at full resolution ({rows.stop - rows.start} x {cols.stop - cols.start} px)\naround {around}",
+    ])
+    fig = Figure(figsize=(layout.figure[0] / 100, layout.figure[1] / 100), dpi=100)
+    header(fig, layout, explanation.alarm)
     # The full views are drawn from copies at the panel's own pixel size (placed at native
     # coordinates, so the native outlines and the crop box align): matplotlib would otherwise
     # resample the native arrays on every draw, ~4x the time for a 1200x800 image.
-    shown, shown_heat, extent = display_copies(image, heat, (height, width))
-    left = _axes(fig, pad, bottom, width, height, fig_size)
+    shown, shown_heat, extent = display_copies(image, heat, (layout.height, layout.width))
+    left = layout.axes(fig, layout.panel(0))
     left.imshow(shown, extent=extent, interpolation="nearest")
     outline(left, mask, TRUTH_COLOR)
-    middle = _axes(fig, 2 * pad + width, bottom, width, height, fig_size)
+    middle = layout.axes(fig, layout.panel(1))
     middle.imshow(paint(shown, shown_heat), extent=extent, interpolation="nearest")
     outline(middle, mask, TRUTH_COLOR, linestyles="dashed")
     outline(middle, prediction, PREDICTION_COLOR)
     middle.add_patch(Rectangle((cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start, rows.stop - rows.start,
-                                fill=False, edgecolor=CROP_BOX_COLOR, linewidth=1, linestyle="--"))
+                               fill=False, edgecolor=CROP_BOX_COLOR, linewidth=1, linestyle="--"))
     if explanation.mark_peak:
-        middle.plot([peak[1]], [peak[0]], marker="o", markersize=14, markerfacecolor="none", markeredgecolor=PEAK_COLOR,
-                    markeredgewidth=2, path_effects=_HALO)
+        mark(middle, peak, 14)
     middle.set_xlim(extent[0], extent[1])
     middle.set_ylim(extent[2], extent[3])
-    colour_bar(fig, (2 * pad + width + width * 0.1, 30, width * 0.8, 12), fig_size)
-    right = _axes(fig, 3 * pad + 2 * width, bar + (max(height, crop) - crop) / 2, crop, crop, fig_size)
+    right = layout.axes(fig, layout.panel(2))
     crop_extent = (cols.start - 0.5, cols.stop - 0.5, rows.stop - 0.5, rows.start - 0.5)
     right.imshow(paint(image[rows, cols], heat[rows, cols]), extent=crop_extent, interpolation="nearest")
-    local_mask = None if mask is None else mask[rows, cols]
-    outline(right, local_mask, TRUTH_COLOR, offset=(rows.start, cols.start), linestyles="dashed")
-    outline(right, prediction[rows, cols], PREDICTION_COLOR, offset=(rows.start, cols.start))
+    outline(right, None if mask is None else mask[rows, cols], TRUTH_COLOR, (rows.start, cols.start), linestyles="dashed")
+    outline(right, prediction[rows, cols], PREDICTION_COLOR, (rows.start, cols.start))
     if explanation.mark_peak and rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop:
-        right.plot([peak[1]], [peak[0]], marker="o", markersize=18, markerfacecolor="none", markeredgecolor=PEAK_COLOR,
-                   markeredgewidth=2, path_effects=_HALO)
+        mark(right, peak, 18)
     right.set_xlim(crop_extent[0], crop_extent[1])
     right.set_ylim(crop_extent[2], crop_extent[3])
-    # Panel titles as figure text: an axes title costs each draw a layout pass over its (hidden) ticks.
-    top = bottom + height + 5
-    truth = mask is not None and mask.any()
-    panel_title(fig, pad + width / 2, top, "image" + (", true defect outlined green" if truth else ""), fig_size)
-    panel_title(fig, 2 * pad + 1.5 * width, top, "anomaly map; white outline: predicted anomalous region", fig_size)
-    around = "the least-detected true defect" if truth else "the map's peak"
-    panel_title(fig, 3 * pad + 2 * width + crop / 2, bar + (max(height, crop) + crop) / 2 + 5,
-                f"cyan box at full resolution ({rows.stop - rows.start} x {cols.stop - cols.start} px)\naround {around}",
-                fig_size)
+    panel_titles(fig, layout)
+    colour_bar(fig, layout)
     fig.savefig(path, dpi=100, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return Path(path)
 
