@@ -77,6 +77,9 @@ COMMON = [
     (["speed.batch_size=0"], "speed.batch_size"),
     (["inference.backbone_chunk_pixels=0"], "inference.backbone_chunk_pixels"),
     (["inference.mode=fast"], "inference.mode"),
+    (["inference.features=whole_image", "setup.stride=120"], "setup.stride"),  # not a multiple of stage 3's 16
+    (["backbone.weights=/no/such/file.pth"], "backbone.weights"),
+    (["backbone.weights_package=no_such_weights_package"], "backbone.weights_package"),
     (["ensemble.workers=0"], "ensemble.workers"),
     (["ensemble.num_shards=0"], "ensemble.num_shards"),
     (["dataset.n_train=1"], "dataset.n_train"),
@@ -115,7 +118,8 @@ PER_MODEL = {
                      ("map_quantiles=[0.995,0.9]", "map_quantiles"), ("lr=0", "lr"), ("lr_drop_at=0", "lr_drop_at"),
                      ("weight_decay=-1", "weight_decay"),
                      ("penalty_images=0", "penalty_images"), ("distill.steps=0", "distill.steps"),
-                     ("distill.lr=0", "distill.lr"), ("distill.crop_size=16", "distill.crop_size")],
+                     ("distill.lr=0", "distill.lr"), ("distill.crop_size=16", "distill.crop_size"),
+                     ("teacher=/no/such/teacher.pth", "teacher"), ("penalty_dir=/no/such/folder", "penalty_dir")],
 }
 CASES = [pytest.param(args, key, id=" ".join(args)) for args, key in COMMON] + [
     pytest.param([f"model={model}", f"model.net.{override}"], f"model.net.{key}", id=f"{model} {override}")
@@ -222,6 +226,8 @@ def test_stage_channels_equal_timms(backbone):
     timm_name = yaml.safe_load((CONF / "backbone" / f"{backbone}.yaml").read_text())["timm_name"]
     net = timm.create_model(timm_name, features_only=True, pretrained=False)
     assert STAGE_CHANNELS[timm_name] == tuple(net.feature_info.channels())
+    # config.check_whole_image takes stage i's reduction to be 2 ** (i + 1)
+    assert net.feature_info.reduction() == [2 ** (i + 1) for i in range(len(STAGE_CHANNELS[timm_name]))]
 
 
 def test_trainer_lists_equal_lightnings():

