@@ -1,0 +1,1 @@
+"""tiled_hydra's Hydra launcher on a running Ray cluster (``hydra/launcher=ray_cluster``)."""
