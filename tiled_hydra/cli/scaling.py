@@ -33,14 +33,10 @@ def main(cfg: DictConfig) -> None:
         return
     try:
         check_resolutions(cfg.resolutions)
-        import torch
-
         from tiled_hydra.scaling.figures import study_figures
         from tiled_hydra.scaling.study import run_study, save_study
 
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
-        study = run_study(cfg, run_dir)
+        study = run_study(cfg, run_dir)  # pins the threads (cfg.threads) and states them in scaling.json
         study["figures"] = [str(p.name) for p in study_figures(study, run_dir)]
         save_study(run_dir, study)
     except TiledHydraError as err:
@@ -56,25 +52,43 @@ def print_summary(study: dict) -> None:
     from tiled_hydra.scaling.units import format_bytes
 
     s = study["settings"]
-    table = Table(title=f"{study['model']} ({study['backbone']}), batch size 1, {s['device']}: "
-                        f"{s['warmup']} warm-up + {s['repeats']} timed steps")
-    for column in ("px", *study["components"], "counted", "measured peak", "s/image"):
+    t = s.get("timing", {})
+    threads = ", ".join(f"{k} {v}" for k, v in s.get("threads", {"torch": s.get("torch_threads")}).items())
+    table = Table(title=f"{study['model']} ({study['backbone']}), batch size 1, {s['device']} ({threads} threads): "
+                        f"{s['warmup']} warm-up + {s['repeats']} timed rounds round-robin, median [IQR]")
+    for column in ("px", *study["components"], "counted", "measured peak", "s/image", "IQR", "steps"):
         table.add_column(column, justify="right")
     for r in study["measurements"]:
         table.add_row(str(r["resolution"]), *[format_bytes(r["components"][c]["counted_bytes"]) for c in study["components"]],
-                      format_bytes(r["counted_bytes"]), format_bytes(r["peak_bytes"]), f"{r['seconds']:.3f}")
+                      format_bytes(r["counted_bytes"]), format_bytes(r["peak_bytes"]), f"{r['seconds']:.4g}",
+                      f"{r['seconds_q1']:.4g}-{r['seconds_q3']:.4g}" + (" noisy" if r["noisy"] else ""),
+                      str(r["timed_steps"]))
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    noisy = [r["resolution"] for r in study["measurements"] if r["noisy"]]
+    if noisy:
+        console.print(f"noisy: {', '.join(map(str, noisy))} px kept a relative IQR above {t.get('max_relative_iqr')} after "
+                      f"{t.get('max_extra_rounds')} extra rounds (load average {s['load_average_at_start']} -> "
+                      f"{s['load_average_at_end']})")
+    names = {"counted_bytes": "memory (Eq. 1-3)", "peak_bytes": "measured peak", "seconds": "time per image"}
     for f in study["fits"]:
-        if f["component"] == "total":
-            h = f["holdout"]
-            hold = f", hold-out at {h['x']:.0f} px: {100 * h['relative_error']:.2f} %" if h else ""
-            console.print(f"fit {f['quantity']}: R^2 = {f['r2']:.5f}{hold}; at {', '.join(f'{k} px = {v:.4g}' for k, v in f['extrapolated'].items())}")
+        if f["component"] != "total":
+            continue
+        h = f["holdout"]
+        hold = f", hold-out at {h['x']:.0f} px: {100 * h['relative_error']:.3g} %" if h else ""
+        show = (lambda v: f"{v:.4g} s") if f["quantity"] == "seconds" else format_bytes
+        at = ", ".join(f"{k} px = {show(v)}" for k, v in f["extrapolated"].items())
+        console.print(f"fit {names[f['quantity']]}: {f['verdict']}, R^2 = {f['r2']:.5f}{hold}; {at}")
+    for f in study["fits"]:
+        if f["component"] == "total" and f["verdict"] == "poor":
+            console.print(f"poor fit: {names[f['quantity']]}: {'; '.join(f['verdict_reasons'])}: its extrapolations are "
+                          "not to be trusted (the planner refuses it without allow_poor_fit=true)")
     if s["random_backbone_weights"]:
         console.print("note: random backbone weights (backbone.weights=none): memory and runtime do not depend on them")
     console.print(f"model state: {study['measurements'][0]['state_made_by']}; n_train = {s['n_train']}"
-                  + (f", coreset_ratio = {s['coreset_ratio']}" if "coreset_ratio" in s else ""))
-
+                  + (f", coreset_ratio = {s['coreset_ratio']}" if "coreset_ratio" in s else "")
+                  + f"; peak memory: {s.get('peak_method', '?')}, each resolution "
+                  + ("in its own process" if s.get("isolation") == "process" else "in this process"))
 
 
 def cli() -> None:

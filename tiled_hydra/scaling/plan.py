@@ -20,7 +20,10 @@ Rules:
   context per model; overlap as chosen);
 - ``objective=latency``: the feasible plan with the lowest predicted time per image
   (tiles x time of one tile; ties go to the larger tile);
-- non-square images use the curve at the side of the square with the same pixel count.
+- non-square images use the curve at the side of the square with the same pixel count;
+- a poor fit (see :func:`tiled_hydra.scaling.fit.judge`) is not planned from unless
+  ``allow_poor_fit=true``: the memory curves always decide the plan, the time curve decides it with
+  ``objective=latency`` (with ``objective=accuracy`` a poor time fit only marks the printed latency).
 """
 
 from __future__ import annotations
@@ -155,6 +158,38 @@ def load_study(path: str, model: str, backbone: str) -> dict:
     return match[0]
 
 
+NAMES = {"peak_bytes": "measured-peak memory", "counted_bytes": "Eq. 1-3 memory", "seconds": "time"}
+
+
+def deciding_fits(memory_key: str, objective: str) -> list[str]:
+    """The fitted totals a plan rests on."""
+    keys = ["peak_bytes", "counted_bytes"] if memory_key == "max" else [memory_key]
+    return keys + (["seconds"] if objective == "latency" else [])
+
+
+def poor_fits(study: dict, quantities: list[str]) -> list[str]:
+    """'<quantity> (<reasons>)' for every poor fit among ``quantities``."""
+    from tiled_hydra.scaling.study import verdict
+
+    out = []
+    for quantity in quantities:
+        judged, reasons = verdict(study, quantity)
+        if judged == "poor":
+            out.append(f"{NAMES[quantity]} ({'; '.join(reasons)})")
+    return out
+
+
+def check_fits(study: dict, memory_key: str, objective: str, allow_poor_fit: bool) -> list[str]:
+    """ConfigError when the plan would rest on a poor fit and ``allow_poor_fit`` is false; else the
+    poor fits it rests on (empty when none)."""
+    poor = poor_fits(study, deciding_fits(memory_key, objective))
+    if poor and not allow_poor_fit:
+        hint = " or plan with memory=counted_bytes" if memory_key != "counted_bytes" and not poor_fits(study, ["counted_bytes"]) else ""
+        raise ConfigError(f"study {study.get('source')}: the plan would rest on a poor fit: {', '.join(poor)}; measure "
+                          f"again (more resolutions, a quieter machine){hint}, or pass allow_poor_fit=true")
+    return poor
+
+
 def plan_from_cfg(cfg: DictConfig, run_dir: Path) -> tuple[Plan, dict]:
     budget = parse_bytes(cfg.memory_budget, "memory_budget")
     if cfg.image_size is None:
@@ -172,6 +207,9 @@ def plan_from_cfg(cfg: DictConfig, run_dir: Path) -> tuple[Plan, dict]:
         study = run_study(cfg, run_dir)
         save_study(run_dir, study)
         study["source"] = str(run_dir)
+    if str(cfg.objective) not in OBJECTIVES:
+        raise ConfigError(f"objective={cfg.objective}: choose one of {', '.join(OBJECTIVES)}")
+    study["poor_fits_used"] = check_fits(study, memory_key, str(cfg.objective), bool(cfg.get("allow_poor_fit", False)))
     memory, seconds = study_curves(study, memory_key, bool(cfg.load_copy))
     plan = choose(cfg.image_size, budget, memory, seconds, str(cfg.objective), bool(cfg.overlap), int(cfg.min_tile),
                   int(cfg.tile_step), float(cfg.headroom))
@@ -189,9 +227,12 @@ def describe(plan: Plan, study: dict, cfg: DictConfig) -> str:
         "  single model" if plan.single else
         f"  tile {plan.tile_size[0]} px, stride {plan.stride[0]} px -> {plan.num_tiles} tiles, {plan.num_tiles} models",
         f"  predicted peak memory: {format_bytes(plan.predicted_bytes)} ({kind}, one model resident, batch size 1)",
-        f"  predicted latency: {plan.predicted_seconds:.3f} s per image ({s['device']}, tiles one after another)",
+        f"  predicted latency: {plan.predicted_seconds:.3f} s per image ({s['device']}, tiles one after another"
+        + (f"; from a poor fit: {', '.join(poor_fits(study, ['seconds']))}" if poor_fits(study, ["seconds"]) else "") + ")",
         f"  curves: {study.get('source')} (resolutions {s['resolutions']} px, n_train={s['n_train']}"
         + (f", coreset_ratio={s['coreset_ratio']}" if "coreset_ratio" in s else "") + ")",
         f"  run: python -m tiled_hydra {plan.overrides(str(cfg.model.name), str(cfg.backbone.name))}",
     ]
+    if study.get("poor_fits_used"):
+        lines.append(f"  warning: planned from poor fits (allow_poor_fit=true): {', '.join(study['poor_fits_used'])}")
     return "\n".join(lines)

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.rundir import write_json_atomic
-from tiled_hydra.scaling.fit import Quadratic, holdout_error
+from tiled_hydra.scaling.fit import MAX_HOLDOUT_ERROR, MIN_R2, POOR, Quadratic, holdout_error, judge, verdict_of
+from tiled_hydra.scaling.protocol import TimingProtocol, point_record, round_robin
 from tiled_hydra.scaling.units import format_bytes, parse_bytes
 
 log = logging.getLogger("tiled_hydra")
@@ -30,6 +31,8 @@ MODEL_ORDER = ("padim", "padim_ipca", "patchcore", "fastflow", "reverse_distilla
 RESULT_FILE = "scaling.json"
 #: totals that are fitted, beside every component's counted bytes and seconds
 TOTALS = ("counted_bytes", "peak_bytes", "seconds")
+#: process: each resolution in a fresh process (nothing inherited); none: every slot in this one
+ISOLATION = ("process", "none")
 
 
 def check_resolutions(values) -> list[int]:
@@ -46,14 +49,6 @@ def check_resolutions(values) -> list[int]:
     return sorted(sides)
 
 
-def timing_protocol(cfg: DictConfig, device: torch.device) -> tuple[int, int]:
-    protocol = cfg.timing.cuda if device.type == "cuda" else cfg.timing.cpu
-    warmup, repeats = int(protocol.warmup), int(protocol.repeats)
-    if warmup < 0 or repeats < 1:
-        raise ConfigError(f"timing.{device.type}: need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
-    return warmup, repeats
-
-
 def series(records: list[dict]) -> dict[tuple[str, str], list[float]]:
     """{(quantity, component or 'total'): values in resolution order}."""
     out: dict[tuple[str, str], list[float]] = {}
@@ -65,25 +60,48 @@ def series(records: list[dict]) -> dict[tuple[str, str], list[float]]:
     return out
 
 
-def fit_all(records: list[dict], extrapolate_to: list[int]) -> list[dict]:
-    """Quadratic, R^2, hold-out and extrapolation for every series; [] with fewer than 3 resolutions."""
+def fit_thresholds(cfg: DictConfig) -> dict:
+    t = {"min_r2": float(cfg.fit.min_r2), "max_holdout_error": float(cfg.fit.max_holdout_error)}
+    if not 0 <= t["min_r2"] <= 1 or t["max_holdout_error"] < 0:
+        raise ConfigError(f"fit: need 0 <= min_r2 <= 1 and max_holdout_error >= 0; got {t['min_r2']}, {t['max_holdout_error']}")
+    return t
+
+
+def fit_all(records: list[dict], extrapolate_to: list[int], thresholds: dict | None = None) -> list[dict]:
+    """Non-negative quadratic, R^2, hold-out, verdict and extrapolation for every series; [] with
+    fewer than 3 resolutions."""
     x = [r["resolution"] for r in records]
     if len(set(x)) < 3:
         return []
+    t = thresholds or {"min_r2": MIN_R2, "max_holdout_error": MAX_HOLDOUT_ERROR}
     fits = []
     for (quantity, component), y in series(records).items():
         curve = Quadratic.fit(x, y)
-        fits.append({"quantity": quantity, "component": component, **curve.as_dict(),
-                     "holdout": holdout_error(x, y),
+        holdout = holdout_error(x, y)
+        verdict, reasons = judge(curve.r2, holdout, t["min_r2"], t["max_holdout_error"])
+        fits.append({"quantity": quantity, "component": component, **curve.as_dict(), "holdout": holdout,
+                     "verdict": verdict, "verdict_reasons": reasons,
                      "extrapolated": {str(side): float(curve(side)) for side in extrapolate_to}})
     return fits
 
 
+def fit_of(study: dict, quantity: str, component: str = "total") -> dict | None:
+    return next((f for f in study.get("fits", []) if f["quantity"] == quantity and f["component"] == component), None)
+
+
 def curve_of(study: dict, quantity: str, component: str = "total") -> Quadratic | None:
-    for f in study.get("fits", []):
-        if f["quantity"] == quantity and f["component"] == component:
-            return Quadratic(f["b0"], f["b1"], f["b2"], f["r2"], f["n_points"])
-    return None
+    f = fit_of(study, quantity, component)
+    if f is None:
+        return None
+    return Quadratic(f["b0"], f["b1"], f["b2"], f["r2"], f["n_points"], f.get("floor", 0.0), f.get("floor_x", math.inf))
+
+
+def verdict(study: dict, quantity: str, component: str = "total") -> tuple[str, list[str]]:
+    """('good' | 'poor', reasons) of a study's fit, judged with the study's own thresholds."""
+    f = fit_of(study, quantity, component)
+    if f is None:
+        return POOR, ["not fitted (fewer than 3 resolutions)"]
+    return verdict_of(f, study.get("settings", {}).get("fit"))
 
 
 def max_resolution_table(study: dict, memory_sizes: list[int], tile: int, bytes_per_pixel: float,
@@ -92,20 +110,22 @@ def max_resolution_table(study: dict, memory_sizes: list[int], tile: int, bytes_
 
     Tiled ensemble: one tile model is resident at a time, so its memory is the curve at the tile
     size; the image only adds ``bytes_per_pixel`` buffers (uint8 image + float32 merged map),
-    whose side limit is sqrt((budget - tile model) / bytes_per_pixel).
+    whose side limit is sqrt((budget - tile model) / bytes_per_pixel).  Rows from a poor fit say so
+    (``fit_verdict``).
     """
     curve = curve_of(study, quantity)
     if curve is None:
         return []
+    fit_verdict = verdict(study, quantity)[0]
     tile_cost = float(curve(tile))
+    bends_down = curve.b2 < 0 or (curve.b2 == 0 and curve.b1 < 0)  # only files fitted before the fits were non-negative
     rows = []
     for size in memory_sizes:
-        # a concave fit (b2 < 0, noisy measurements) bends down: no extrapolated limit to report
-        single = curve.largest_side(size, start=32) if curve.b2 > 0 else None
+        single = None if bends_down else curve.largest_side(size, start=32)
         tiled = math.isqrt(int((size - tile_cost) / bytes_per_pixel)) if size > tile_cost else None
         rows.append({"model": study["model"], "memory_bytes": size, "memory": format_bytes(size), "quantity": quantity,
                      "single_model_side": single, "tiled_side": tiled, "tile_size": tile,
-                     "tile_model_bytes": tile_cost, "concave_fit": curve.b2 <= 0})
+                     "tile_model_bytes": tile_cost, "concave_fit": bends_down, "fit_verdict": fit_verdict})
     return rows
 
 
@@ -113,35 +133,46 @@ def write_csvs(run_dir: Path, study: dict) -> None:
     with (run_dir / "measurements.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "backbone", "resolution", "component", "state_bytes", "activation_bytes",
-                         "counted_bytes", "seconds", "peak_bytes_total", "seconds_total", "mem_kind"])
+                         "counted_bytes", "seconds", "peak_bytes_total", "peak_bytes_min", "peak_bytes_max",
+                         "seconds_total", "seconds_q1", "seconds_q3", "seconds_min", "seconds_max", "timed_steps",
+                         "noisy", "mem_kind"])
         for r in study["measurements"]:
             for name, c in r["components"].items():
                 writer.writerow([study["model"], study["backbone"], r["resolution"], name, c["state_bytes"],
                                  c["activation_bytes"], c["counted_bytes"], f"{c['seconds']:.6f}", r["peak_bytes"],
-                                 f"{r['seconds']:.6f}", r["mem_kind"]])
+                                 r["peak_bytes_min"], r["peak_bytes_max"], f"{r['seconds']:.6f}", f"{r['seconds_q1']:.6f}",
+                                 f"{r['seconds_q3']:.6f}", f"{r['seconds_min']:.6f}", f"{r['seconds_max']:.6f}",
+                                 r["timed_steps"], r["noisy"], r["mem_kind"]])
     with (run_dir / "fits.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         sides = study["settings"]["extrapolate_to"]
         writer.writerow(["model", "quantity", "component", "b0", "b1", "b2", "r2", "holdout_x",
-                         "holdout_relative_error", *[f"at_{s}" for s in sides]])
+                         "holdout_relative_error", "verdict", "verdict_reasons", *[f"at_{s}" for s in sides]])
         for fit in study["fits"]:
             h = fit["holdout"] or {}
             writer.writerow([study["model"], fit["quantity"], fit["component"], fit["b0"], fit["b1"], fit["b2"],
-                             fit["r2"], h.get("x", ""), h.get("relative_error", ""),
-                             *[fit["extrapolated"][str(s)] for s in sides]])
+                             fit["r2"], h.get("x", ""), h.get("relative_error", ""), fit["verdict"],
+                             "; ".join(fit["verdict_reasons"]), *[fit["extrapolated"][str(s)] for s in sides]])
 
 
-def settings(cfg: DictConfig, device: torch.device, warmup: int, repeats: int) -> dict:
+def settings(cfg: DictConfig, device: torch.device, protocol: TimingProtocol, threads: dict) -> dict:
     net = cfg.model.net
     random_backbone = str(cfg.backbone.weights) == "none"
+    isolation = str(cfg.isolation)
+    if isolation not in ISOLATION:
+        raise ConfigError(f"isolation={isolation}: choose one of {', '.join(ISOLATION)}")
     out = {
         "resolutions": check_resolutions(cfg.resolutions),
         "batch_size": 1,
         "n_train": int(cfg.n_train),
         "train_steps": int(cfg.train_steps),
         "device": device.type,
-        "warmup": warmup,
-        "repeats": repeats,
+        "timing": protocol.as_dict(),
+        "warmup": protocol.warmup,
+        "repeats": protocol.repeats,
+        "memory_steps": int(cfg.memory_steps),
+        "isolation": isolation,
+        "fit": fit_thresholds(cfg),
         "extrapolate_to": [int(s) for s in cfg.extrapolate_to],
         "tile_size": int(cfg.tile_size),
         "memory_sizes": [parse_bytes(s, "memory_sizes") for s in cfg.memory_sizes],
@@ -150,29 +181,79 @@ def settings(cfg: DictConfig, device: torch.device, warmup: int, repeats: int) -
         "random_backbone_weights": random_backbone,
         "backbone_weights": str(cfg.backbone.weights),
         "model_config": OmegaConf.to_container(net, resolve=False),  # ${setup.tile_size} = each resolution
-        "torch_threads": torch.get_num_threads(),
+        "threads": threads,
+        "torch_threads": threads["torch"],
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # timings on a shared machine: state the load
     }
+    if out["memory_steps"] < 1:
+        raise ConfigError(f"memory_steps={out['memory_steps']}: need at least 1")
     if "coreset_ratio" in net:
         out["coreset_ratio"] = float(net.coreset_ratio)
     return out
 
 
+def open_benches(cfg: DictConfig, info: dict, device: torch.device, checkpoints: Path) -> list:
+    """Every resolution's slot fitted, one after another (in its own process with ``isolation: process``)."""
+    if info["isolation"] == "process":
+        from tiled_hydra.scaling.isolation import RemoteBench
+
+        make = lambda side: RemoteBench(cfg, side, device, checkpoints, info["threads"]["torch"])  # noqa: E731
+    else:
+        from tiled_hydra.build import build_frozen_backbone
+        from tiled_hydra.scaling.measure import make_bench
+
+        backbone = build_frozen_backbone(cfg, fold_batch_norm=False)  # the published architecture's layers are counted
+        make = lambda side: make_bench(cfg, backbone, side, device, checkpoints)  # noqa: E731
+    benches = []
+    try:
+        for side in info["resolutions"]:
+            benches.append(make(side))
+    except BaseException:
+        for bench in benches:
+            bench.close()
+        raise
+    return benches
+
+
+def measure_points(cfg: DictConfig, info: dict, protocol: TimingProtocol, device: torch.device,
+                   checkpoints: Path) -> tuple[list[dict], list[dict]]:
+    """Fit every side, count and peak each right after its fit, then time them round-robin."""
+    mem_kind = "cuda" if device.type == "cuda" else "rss"
+    benches = open_benches(cfg, info, device, checkpoints)
+    try:
+        counted, peaks = {}, {}
+        for bench in benches:
+            counted[bench.resolution] = bench.count()
+            bench.warm()  # lazy initialisation is not part of a step's peak
+            peaks[bench.resolution] = [bench.peak() for _ in range(info["memory_steps"])]
+        samples, rounds = round_robin(benches, protocol)
+        records = []
+        for bench in benches:
+            side = bench.resolution
+            record = point_record(bench.describe(), counted[side], peaks[side], samples[side], mem_kind,
+                                  protocol.max_relative_iqr)
+            records.append(record)
+            log.info("%s %d px: counted %s, peak %s (%s), %.4g s/image (IQR %.4g-%.4g, %d steps)%s", cfg.model.name, side,
+                     format_bytes(record["counted_bytes"]), format_bytes(record["peak_bytes"]), mem_kind,
+                     record["seconds"], record["seconds_q1"], record["seconds_q3"], record["timed_steps"],
+                     ", NOISY" if record["noisy"] else "")
+        return records, rounds
+    finally:
+        for bench in benches:
+            bench.close()
+
+
 def run_study(cfg: DictConfig, run_dir: Path) -> dict:
-    from tiled_hydra.build import build_frozen_backbone, resolve_device
-    from tiled_hydra.scaling.measure import measure_resolution
+    from tiled_hydra.build import resolve_device
+    from tiled_hydra.scaling.isolation import pin_threads
 
     device = resolve_device(str(cfg.trainer.accelerator))
-    warmup, repeats = timing_protocol(cfg, device)
-    info = settings(cfg, device, warmup, repeats)
-    backbone = build_frozen_backbone(cfg, fold_batch_norm=False)  # the published architecture's layers are counted
-    records = []
-    for side in info["resolutions"]:
-        record = measure_resolution(cfg, backbone, side, device, run_dir / "checkpoints", warmup, repeats)
-        records.append(record)
-        log.info("%s %d px: counted %s, peak %s (%s), %.3f s/image, state: %s", cfg.model.name, side,
-                 format_bytes(record["counted_bytes"]), format_bytes(record["peak_bytes"]), record["mem_kind"],
-                 record["seconds"], record["state_made_by"])
+    protocol = TimingProtocol.from_cfg(cfg, device)
+    threads = pin_threads(cfg.get("threads"))
+    info = settings(cfg, device, protocol, threads)
+    records, rounds = measure_points(cfg, info, protocol, device, run_dir / "checkpoints")
     study = {
         "study": "scaling",
         "model": str(cfg.model.name),
@@ -180,8 +261,12 @@ def run_study(cfg: DictConfig, run_dir: Path) -> dict:
         "settings": info,
         "components": list(records[0]["components"]),
         "measurements": records,
-        "fits": fit_all(records, info["extrapolate_to"]),
+        "timing_rounds": rounds,
+        "fits": fit_all(records, info["extrapolate_to"], info["fit"]),
     }
+    from tiled_hydra.scaling.measure import PEAK_METHODS
+
+    study["settings"]["peak_method"] = PEAK_METHODS[records[0]["peak_method"]]
     study["settings"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     study["max_resolution"] = [row for quantity in ("counted_bytes", "peak_bytes")
                                for row in max_resolution_table(study, info["memory_sizes"], info["tile_size"],
