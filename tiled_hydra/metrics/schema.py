@@ -32,6 +32,7 @@ KINDS = {
     "text": "a string",
     "fraction_by_size": "{size bin: fraction or NaN}",
     "count_by_size": "{size bin: count}",
+    "fraction_by_fpr_and_size": "{pixel false-positive rate: {size bin: fraction or NaN}}",
 }
 
 FIELDS = [
@@ -46,6 +47,10 @@ FIELDS = [
     Field("pixel_F1", "fraction", "F1 of pixel labels at the pixel threshold fitted on validation data", False, "pixel F1"),
     Field("region_recall_by_size", "fraction_by_size", "share of ground-truth regions of each size bin with at least "
           "metrics.region_overlap of their pixels above the pixel threshold", False),
+    Field("region_recall_threshold", "text", "the pixel threshold region_recall_by_size used", False),
+    Field("region_recall_at_fpr", "fraction_by_fpr_and_size", "share of ground-truth regions of each size bin with at "
+          "least metrics.region_overlap of their pixels above the threshold that leaves the given share "
+          "(metrics.region_fprs) of the test set's normal pixels above it", False),
     Field("region_count_by_size", "count_by_size", "ground-truth regions per size bin (the recall's denominators)", False),
     Field("metrics_resolution", "text", "where pixel metrics were computed: native | setup | HxW", False),
     Field("pixel_thresholds", "text", "'all' (exact curves) or the number of thresholds of the streamed curves", False),
@@ -117,6 +122,8 @@ def _valid(kind: str, value) -> bool:
         return isinstance(value, dict) and all(_valid("fraction", v) for v in value.values())
     if kind == "count_by_size":
         return isinstance(value, dict) and all(_valid("count", v) for v in value.values())
+    if kind == "fraction_by_fpr_and_size":
+        return isinstance(value, dict) and all(_valid("fraction_by_size", v) for v in value.values())
     raise ValueError(f"unknown kind {kind!r}")
 
 
