@@ -16,8 +16,15 @@ every curve point is exact at its threshold, only the set of thresholds is limit
 ``pixel_thresholds``).
 
 Beside the paper's metrics: ``pixel_AUPRO_05`` (FPR limit 0.05), pixel average precision, and the
-recall of ground-truth regions by size: a region is detected when at least ``region_overlap`` of
-its pixels are at or above the pixel threshold fitted on validation data.
+recall of ground-truth regions by size, in two views:
+
+- ``region_recall_at_fpr``: at fixed pixel false-positive rates (``metrics.region_fprs``) on the test
+  set's normal pixels, the operating points of a recall-at-FPR curve (see :func:`fpr_thresholds`);
+  what ``compare`` shows by default, since it means the same on weak and strong maps;
+- ``region_recall_by_size``: at the pixel threshold fitted on validation data (named in
+  ``region_recall_threshold``); on a weak map that threshold can flood the image or find nothing.
+
+A region is detected when at least ``region_overlap`` of its pixels are positive.
 """
 
 from __future__ import annotations
@@ -109,28 +116,125 @@ def size_bin_labels(edges: list[float]) -> list[str]:
     return [f"<{pct[0]}%"] + [f"{a}-{b}%" for a, b in zip(pct[:-1], pct[1:])] + [f">={pct[-1]}%"]
 
 
+#: pixel false-positive rates of ``region_recall_at_fpr`` when ``metrics.region_fprs`` is not set
+REGION_FPRS = (0.01, 0.05)
+
+
+def region_fprs(metrics_cfg) -> list[float]:
+    """``metrics.region_fprs``: rates in (0, 1), one-line ConfigError otherwise."""
+    values = getattr(metrics_cfg, "region_fprs", None)
+    values = list(REGION_FPRS if values is None else values)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values):
+        raise ConfigError(f"metrics.region_fprs={values}: expected pixel false-positive rates in (0, 1), e.g. [0.01, 0.05]")
+    return [float(v) for v in values]
+
+
+def region_scores(values: np.ndarray, regions: np.ndarray, sizes: np.ndarray, overlap: float) -> np.ndarray:
+    """Per region 1..n of one image, the score s such that the region is detected at a threshold t
+    (pixels with value > t positive) exactly when s > t: the k-th largest value of its pixels,
+    k = ceil(overlap x size) (+inf when k = 0).  One number per region answers every threshold."""
+    count = len(sizes) - 1
+    if count == 0:
+        return np.zeros(0, dtype=np.float64)
+    flat, inside = values.reshape(-1), regions.reshape(-1) > 0
+    region, value = regions.reshape(-1)[inside], flat[inside].astype(np.float64)
+    order = np.lexsort((-value, region))  # by region, then value descending
+    value = value[order]
+    starts = np.searchsorted(region[order], np.arange(1, count + 1))
+    k = np.ceil(overlap * sizes[1:]).astype(np.int64)  # the float product, as in RegionTally.add
+    return np.where(k > 0, value[starts + np.maximum(k, 1) - 1], math.inf)
+
+
+def allowed_false_positives(f: float, n: int) -> int:
+    return math.floor(f * n + 1e-9)  # 1e-9: 0.29 x 100 is 28.999999999999996 in floating point
+
+
+def fpr_thresholds(normal_values: torch.Tensor, fprs: list[float]) -> dict[float, float]:
+    """{f: t_f}: t_f is the value above which (strictly) at most the share f of the given normal
+    pixels lie: the (m + 1)-th largest normal value, m = floor(f N).  ``normal_values`` are the TEST
+    set's normal pixels: the threshold is chosen on the evaluated data, as a point of a recall-at-FPR
+    curve is (AUPRO's FPR axis is defined the same way); it is an operating point for comparing maps,
+    not a threshold fitted for deployment.  NaN without normal pixels."""
+    n = normal_values.numel()
+    if n == 0:
+        return {f: math.nan for f in fprs}
+    values = normal_values.double()
+    out = {}
+    for f in fprs:
+        m = allowed_false_positives(f, n)
+        out[f] = -math.inf if m >= n else float(torch.kthvalue(values, n - m).values)
+    return out
+
+
+def streamed_fpr_thresholds(edges: torch.Tensor, normal: torch.Tensor, fprs: list[float]) -> dict[float, float]:
+    """:func:`fpr_thresholds` from the streamed histogram of normal pixels (``normal[k]`` = pixels in
+    [edges[k], edges[k+1])): the lowest streamed threshold with at most f N normal pixels at or above
+    it, returned just below it so that "value > t" means "value >= that edge"."""
+    n = int(normal.sum())
+    at_or_above = normal.flip(0).cumsum(0).flip(0)
+    out = {}
+    for f in fprs:
+        allowed = torch.nonzero(at_or_above <= allowed_false_positives(f, n)).reshape(-1)
+        if n == 0:
+            out[f] = math.nan
+        elif len(allowed) == 0:  # the top streamed bin alone holds more: the finest threshold there is
+            out[f] = float(edges[-1])
+        else:
+            out[f] = float(np.nextafter(float(edges[int(allowed[0])]), -math.inf))
+    return out
+
+
 @dataclass
 class RegionTally:
+    """Ground-truth regions per size bin: how many were detected at the thresholded view's threshold,
+    and each region's score (:func:`region_scores`) for the views at fixed false-positive rates."""
+
     edges: list[float]
     detected: list[int] = field(default_factory=list)
     total: list[int] = field(default_factory=list)
+    bins: list[np.ndarray] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.detected = [0] * (len(self.edges) + 1)
         self.total = [0] * (len(self.edges) + 1)
 
-    def add(self, sizes: np.ndarray, hits: np.ndarray, area: int, overlap: float) -> None:
-        """sizes/hits of regions 1..n of one image: pixels, and pixels at or above the threshold."""
+    def add(self, sizes: np.ndarray, hits: np.ndarray, area: int, overlap: float, scores: np.ndarray | None = None) -> None:
+        """sizes/hits of regions 1..n of one image: pixels, and pixels at or above the threshold;
+        ``scores``: their :func:`region_scores`."""
         bins = np.searchsorted(self.edges, sizes / area, side="right")
         for b, detected in zip(bins, hits >= overlap * sizes):
             self.total[b] += 1
             self.detected[b] += int(detected)
+        if scores is not None:
+            self.bins.append(bins)
+            self.scores.append(np.asarray(scores, dtype=np.float64))
 
     def recall(self) -> dict[str, float]:
         return {label: (d / t if t else math.nan) for label, d, t in zip(size_bin_labels(self.edges), self.detected, self.total)}
 
     def counts(self) -> dict[str, int]:
         return dict(zip(size_bin_labels(self.edges), self.total))
+
+    def recall_above(self, threshold: float) -> dict[str, float]:
+        """Recall per size bin when pixels with value > ``threshold`` are positive (NaN: no region, or no threshold)."""
+        bins = np.concatenate(self.bins) if self.bins else np.zeros(0, dtype=np.int64)
+        scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
+        detected = np.bincount(bins[scores > threshold], minlength=len(self.edges) + 1)
+        return {label: (float(d / t) if t and not math.isnan(threshold) else math.nan)
+                for label, d, t in zip(size_bin_labels(self.edges), detected, self.total)}
+
+    def recall_at_fpr(self, thresholds: dict[float, float]) -> dict[str, dict[str, float]]:
+        """{'0.01': {size bin: recall}, ...} at the thresholds of :func:`fpr_thresholds`."""
+        return {f"{f:g}": self.recall_above(t) for f, t in thresholds.items()}
+
+
+def describe_thresholds(pixel_thresholds: torch.Tensor) -> str:
+    """The thresholded view's threshold(s), as results.json names them."""
+    distinct = sorted({float(t) for t in pixel_thresholds.reshape(-1)})
+    if len(distinct) == 1:
+        return f"validation-fitted pixel threshold {distinct[0]:.6g}"
+    return f"validation-fitted pixel thresholds per fold: {', '.join(f'{t:.6g}' for t in distinct)}"
 
 
 # -- curves streamed into histograms -----------------------------------------------------------------
@@ -233,6 +337,7 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
     mode, size = resolve_resolution(metrics_cfg.resolution, split, metrics_cfg.fallback_resolution)
     overlap = float(metrics_cfg.region_overlap)
     tally = RegionTally([float(e) for e in metrics_cfg.region_size_bins])
+    fprs = region_fprs(metrics_cfg)
     shapes = [tuple(maps.shape[-2:]) if mode == "setup" else (size or split.native_sizes[i]) for i in range(len(split))]
     exact = sum(h * w for h, w in shapes) <= EXACT_PIXEL_LIMIT
     histograms = None if exact else CurveHistograms(threshold_edges(maps, shapes, STREAM_THRESHOLDS))
@@ -255,6 +360,7 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
         region_sizes = np.bincount(regions.reshape(-1), minlength=count + 1)
         out = dict(count=count, area=mask.size, region_sizes=region_sizes,
                    hits=np.bincount(regions[predicted], minlength=count + 1),
+                   scores=region_scores(values.numpy(), regions, region_sizes, overlap),
                    confusion=(int((predicted & mask).sum()), int((predicted & ~mask).sum()), int((~predicted & mask).sum())))
         if exact:
             out.update(values=values.reshape(-1), regions=regions)
@@ -270,7 +376,7 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
                       file=sys.stdout):
         count, region_sizes = piece["count"], piece["region_sizes"]
         true_pos, false_pos, false_neg = (a + b for a, b in zip((true_pos, false_pos, false_neg), piece["confusion"]))
-        tally.add(region_sizes[1:], piece["hits"][1:], piece["area"], overlap)
+        tally.add(region_sizes[1:], piece["hits"][1:], piece["area"], overlap, piece["scores"])
         if exact:
             regions = piece["regions"]
             values_all.append(piece["values"])
@@ -287,9 +393,13 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
         per_image.update(edges=coarse.edges.numpy(), normal=np.stack(normal), anomalous=np.stack(anomalous),
                          pro=np.stack(pro), regions=np.array(counts))
     if exact:
-        curves = region_curves(torch.cat(values_all), torch.cat(regions_all), offset)
+        values, regions = torch.cat(values_all), torch.cat(regions_all)
         del values_all, regions_all
+        thresholds = fpr_thresholds(values[regions == 0], fprs)
+        curves = region_curves(values, regions, offset)
+        del values, regions
     else:
+        thresholds = streamed_fpr_thresholds(histograms.edges, histograms.normal, fprs)
         curves = histograms.curves()
     f1_denominator = 2 * true_pos + false_pos + false_neg
     return {
@@ -299,6 +409,8 @@ def pixel_metrics(maps: torch.Tensor, split: Split, pixel_thresholds: torch.Tens
         "pixel_AP": average_precision(curves),
         "pixel_F1": 2 * true_pos / f1_denominator if f1_denominator else 0.0,
         "region_recall_by_size": tally.recall(),
+        "region_recall_threshold": describe_thresholds(pixel_thresholds),
+        "region_recall_at_fpr": tally.recall_at_fpr(thresholds),
         "region_count_by_size": tally.counts(),
         "metrics_resolution": describe(mode, size),
         "pixel_thresholds": "all" if exact else len(histograms.edges),
