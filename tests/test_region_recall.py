@@ -99,3 +99,28 @@ def test_bad_fprs_are_one_line_config_errors(bad):
     with pytest.raises(ConfigError) as err:
         pixel_metrics(maps, split, torch.tensor([0.2]), metrics_cfg(region_fprs=bad))
     assert "metrics.region_fprs" in str(err.value) and "\n" not in str(err.value)
+
+
+# -- compare's figure -------------------------------------------------------------------------------
+def run_record(setup: str, at_fpr: dict | None, by_size: dict) -> dict:
+    """A run as compare reads it from results.json (the keys the figure uses)."""
+    record = {"dataset": "mvtec", "category": "bottle", "model": "padim", "setup": setup, "seed": 0,
+              "region_recall_by_size": by_size}
+    return record | ({"region_recall_at_fpr": at_fpr} if at_fpr is not None else {})
+
+
+def test_compare_draws_the_fixed_fpr_view_by_default():
+    from tiled_hydra.analysis.significance import recall_figure
+
+    at_fpr = {"0.01": {"<2%": 0.25, ">=2%": 0.5}, "0.05": {"<2%": 0.5, ">=2%": 1.0}}
+    runs = [run_record("sm256", at_fpr, {"<2%": 1.0, ">=2%": 1.0}), run_record("ens9", at_fpr, {"<2%": 0.0, ">=2%": 0.0})]
+    fig, note = recall_figure(runs)
+    assert note is None
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["padim on mvtec\nat pixel FPR 0.01 on normal test pixels", "padim on mvtec\nat pixel FPR 0.05 on normal test pixels"]
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [0.25, 0.5]  # the 0.01 row, not the thresholded view's 1.0
+    fig, _ = recall_figure(runs, view="threshold")
+    assert [ax.get_title() for ax in fig.axes] == ["padim on mvtec\nat the validation-fitted pixel threshold"]
+    # runs written before the fixed-rate view: the thresholded view, and a note saying so
+    fig, note = recall_figure([run_record("sm256", None, {"<2%": 1.0, ">=2%": 1.0})])
+    assert fig.axes[0].get_title().endswith("at the validation-fitted pixel threshold") and "no run reports region_recall_at_fpr" in note

@@ -6,8 +6,11 @@ and how detection depends on defect size.
 - Paired bootstrap difference of every setup against a baseline setup (default sm256) on the same
   draws of the same test images; a difference is marked significant (†) only when its 95 %
   interval excludes 0.
-- Region recall by defect size (results' ``region_recall_by_size``), averaged over seeds and
-  categories, one panel per dataset and model, one curve per setup: the direct form of paper Fig. 7.
+- Region recall by defect size, averaged over seeds and categories, one panel per dataset and
+  model, one curve per setup: the direct form of paper Fig. 7.  By default at fixed pixel
+  false-positive rates (results' ``region_recall_at_fpr``, one row of panels per rate), which mean
+  the same on weak and strong maps; ``view="threshold"`` (or runs without it) draws
+  ``region_recall_by_size`` at each run's validation-fitted threshold.
 """
 
 from __future__ import annotations
@@ -94,45 +97,86 @@ def to_markdown(rows: list[dict], baseline: str = BASELINE) -> str:
     return "\n".join(lines) + "\n"
 
 
-def recall_by_size(runs: list[dict], out: Path) -> tuple[Path | None, str | None]:
-    """One panel per (dataset, model), one curve per setup: region recall per defect-size bin,
-    mean over seeds and categories."""
+def _recall_curves(runs: list[dict], pick) -> tuple[dict, list[str]]:
+    """{(dataset, column, setup): {size bin: [recall per run]}} and the bins, from ``pick(run)``
+    ({size bin: recall} or None)."""
     curves: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     labels: list[str] = []
     for run in runs:
-        recall = run.get("region_recall_by_size")
+        recall = pick(run)
         if not isinstance(recall, dict):
             continue
         labels = labels or list(recall)
         for label, value in recall.items():
             if isinstance(value, (int, float)) and not math.isnan(value):
                 curves[run["dataset"], column_of(run), run["setup"]][label].append(float(value))
-    if not curves:
+    return curves, labels
+
+
+def recall_by_size(runs: list[dict], out: Path, view: str = "fpr") -> tuple[Path | None, str | None]:
+    """:func:`recall_figure` saved as ``out/region_recall_by_size.png``; returns (path or None, note or None)."""
+    fig, note = recall_figure(runs, view)
+    if fig is None:
+        return None, note
+    import matplotlib.pyplot as plt
+
+    path = out / "region_recall_by_size.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path, note
+
+
+def recall_figure(runs: list[dict], view: str = "fpr"):
+    """One panel per (dataset, model), one curve per setup: region recall per defect-size bin, mean
+    over seeds and categories.  ``view="fpr"`` (default): one row of panels per pixel false-positive
+    rate of ``region_recall_at_fpr``; ``"threshold"``: ``region_recall_by_size`` at the runs' own
+    validation-fitted thresholds (also the fallback when no run reports the fixed-rate view).
+    Returns (figure or None, note or None)."""
+    rows: list[tuple[str, dict, list[str]]] = []
+    note = None
+    if view == "fpr":
+        rates = sorted({f for r in runs if isinstance(r.get("region_recall_at_fpr"), dict) for f in r["region_recall_at_fpr"]},
+                       key=float)
+        for rate in rates:
+            curves, labels = _recall_curves(runs, lambda r, f=rate: (r.get("region_recall_at_fpr") or {}).get(f))
+            if curves:
+                rows.append((f"at pixel FPR {float(rate):g} on normal test pixels", curves, labels))
+        lacking = sum(1 for r in runs if r.get("region_recall_by_size") is not None and r.get("region_recall_at_fpr") is None)
+        if rows and lacking:
+            note = f"{lacking} runs report no region_recall_at_fpr (older results): left out of the recall-by-size figure"
+        elif not rows:
+            note = "no run reports region_recall_at_fpr: the recall-by-size figure shows region_recall_by_size at each run's own threshold"
+    if not rows:
+        curves, labels = _recall_curves(runs, lambda r: r.get("region_recall_by_size"))
+        if curves:
+            rows.append(("at the validation-fitted pixel threshold", curves, labels))
+    if not rows:
         return None, "no run reports region_recall_by_size: no recall-by-size figure"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = paper_order({m.split(" (")[0] for _, m, _ in curves}, PAPER_MODELS)
-    panels = sorted({(d, m.split(" (")[0]) for d, m, _ in curves}, key=lambda p: (p[0], models.index(p[1])))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    every = {key for _, curves, _ in rows for key in curves}
+    models = paper_order({m.split(" (")[0] for _, m, _ in every}, PAPER_MODELS)
+    panels = sorted({(d, m.split(" (")[0]) for d, m, _ in every}, key=lambda p: (p[0], models.index(p[1])))
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.2 * len(panels), 3.4 * len(rows)), squeeze=False, sharey=True)
     order = (lambda k: (PAPER_SETUPS.index(k[2]) if k[2] in PAPER_SETUPS else 99, k))
-    for ax, (dataset, model) in zip(axes[0], panels):
-        for key in sorted((k for k in curves if k[0] == dataset and k[1].split(" (")[0] == model), key=order):
-            _, column, setup = key
-            ys = [np.mean(curves[key][label]) if curves[key][label] else np.nan for label in labels]
-            ax.plot(range(len(labels)), ys, marker="o", label=setup if column == model else f"{setup} {column}")
-        ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_title(f"{model} on {dataset}", fontsize=10)
-        ax.set_xlabel("defect region size (share of the image)", fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("ground-truth regions detected")
-    fig.suptitle("Region recall by defect size (overlap >= region_overlap at the validation-fitted pixel threshold)", fontsize=9)
+    for row, (where, curves, labels) in zip(axes, rows):
+        for ax, (dataset, model) in zip(row, panels):
+            for key in sorted((k for k in curves if k[0] == dataset and k[1].split(" (")[0] == model), key=order):
+                _, column, setup = key
+                ys = [np.mean(curves[key][label]) if curves[key][label] else np.nan for label in labels]
+                ax.plot(range(len(labels)), ys, marker="o", label=setup if column == model else f"{setup} {column}")
+            ax.set_xticks(range(len(labels)), labels, fontsize=8)
+            ax.set_title(f"{model} on {dataset}\n{where}", fontsize=9)
+            ax.set_xlabel("defect region size (share of the image)", fontsize=8)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        row[0].set_ylabel("ground-truth regions detected")
+    fig.suptitle("Region recall by defect size (a region is detected when >= region_overlap of its pixels are positive)",
+                 fontsize=9)
     fig.tight_layout()
-    path = out / "region_recall_by_size.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path, None
+    return fig, note
