@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from tiled_hydra import __version__
 from tiled_hydra.build import open_trained_run
@@ -89,11 +90,12 @@ def export_run(run_dir: Path, output: Path, fmt: str = "onnx", opset: int = OPSE
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt}: choose {' or '.join(FORMATS)}")
     check_output(output, run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    name = str(OmegaConf.load(config).model.name) if config.is_file() else None
+    if name in NOT_EXPORTABLE:  # before any model loads
+        raise ConfigError(f"model {name} cannot be exported: {NOT_EXPORTABLE[name]}")
     post, fitted_on = load_postprocessor(run_dir / POSTPROCESS_FILE)  # a run that finished its evaluation
     cfg, run = open_trained_run(run_dir, device="cpu")  # every slot trained by this configuration and version
-    name = str(cfg.model.name)
-    if name in NOT_EXPORTABLE:
-        raise ConfigError(f"model {name} cannot be exported: {NOT_EXPORTABLE[name]}")
     if fmt == "openvino":
         from tiled_hydra.export.openvino import require_openvino
 
