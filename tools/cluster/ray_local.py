@@ -3,6 +3,7 @@
     python tools/cluster/ray_local.py up [STATE] [--workers 1] [--cpus 1] [--port 6390]
     source STATE/ray.env          # RAY_ADDRESS and the cluster's token, for the commands that use it
     python tools/cluster/ray_local.py kill-node [STATE] 127.0.0.3    # lose a node: kill -9 its processes
+    python tools/cluster/ray_local.py add-node [STATE] 127.0.0.3     # a (new) node joins at that address
     python tools/cluster/ray_local.py down [STATE]
 
 The head node listens on 127.0.0.2:PORT and worker node k on 127.0.0.(2+k): every node is a
@@ -63,19 +64,33 @@ def up(state: Path, workers: int, cpus: int, port: int) -> dict:
     address = f"{HEAD_IP}:{port}"
     env = {**os.environ, **cluster_env(state, address)}
     env.pop("RAY_ADDRESS")  # ray start --head must not look for a cluster
-    common = [f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
-              "--dashboard-agent-listen-port=0", "--metrics-export-port=0", "--runtime-env-agent-port=0"]
     started = time.perf_counter()
     ray_start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", f"--temp-dir={state / 'ray'}",
-               "--include-dashboard=false", f"--ray-client-server-port={port + 1}", *common], env, state / "up.log")
+               "--include-dashboard=false", f"--ray-client-server-port={port + 1}", *node_options(cpus)], env, state / "up.log")
     for k in range(1, workers + 1):
-        ray_start([f"--address={address}", f"--node-ip-address={node_ip(k)}", *common], env, state / "up.log")
+        ray_start([f"--address={address}", f"--node-ip-address={node_ip(k)}", *node_options(cpus)], env, state / "up.log")
     nodes = wait_for_nodes(address, workers + 1, {**env, **cluster_env(state, address)})
-    info = {"address": address, "env": cluster_env(state, address), "nodes": nodes,
+    info = {"address": address, "env": cluster_env(state, address), "nodes": nodes, "cpus_per_node": cpus,
             "seconds_to_start": round(time.perf_counter() - started, 1)}
     (state / "cluster.json").write_text(json.dumps(info, indent=2))
     (state / "ray.env").write_text("".join(f"export {k}={v}\n" for k, v in info["env"].items()))
     return info
+
+
+def node_options(cpus: int) -> list[str]:
+    # Ports 0: each node's agents pick free ports (several nodes share this host).
+    return [f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
+            "--dashboard-agent-listen-port=0", "--metrics-export-port=0", "--runtime-env-agent-port=0"]
+
+
+def add_node(state: Path, ip: str) -> list[dict]:
+    """A worker node joins the running cluster at ``ip`` (e.g. after kill-node); returns the live nodes."""
+    info = json.loads((state / "cluster.json").read_text())
+    env = {**os.environ, **info["env"]}
+    alive = wait_for_nodes(info["address"], 1, env)
+    ray_start([f"--address={info['address']}", f"--node-ip-address={ip}", *node_options(info["cpus_per_node"])],
+              env, state / "up.log")
+    return wait_for_nodes(info["address"], len(alive) + 1, env)
 
 
 def wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 120) -> list[dict]:
@@ -152,6 +167,9 @@ def main() -> None:
     p_kill = sub.add_parser("kill-node", help="kill -9 one node's processes")
     p_kill.add_argument("state", nargs="?", type=Path, default=DEFAULT_STATE)
     p_kill.add_argument("ip")
+    p_add = sub.add_parser("add-node", help="start a worker node at IP (127.0.0.x) in the running cluster")
+    p_add.add_argument("state", nargs="?", type=Path, default=DEFAULT_STATE)
+    p_add.add_argument("ip")
     args = parser.parse_args()
     if args.command == "up":
         info = up(args.state, args.workers, args.cpus, args.port)
@@ -160,6 +178,9 @@ def main() -> None:
         print(f"Ray cluster at {info['address']} ({info['seconds_to_start']} s); source {args.state.absolute() / 'ray.env'}")
     elif args.command == "down":
         print(f"stopped {len(down(args.state))} processes")
+    elif args.command == "add-node":
+        for node in add_node(args.state, args.ip):
+            print(f"node {node['ip']}  {node['node_id']}  {node['cpus']:g} CPU")
     else:
         print(f"killed {' '.join(map(str, kill_node(args.state, args.ip)))}")
 
