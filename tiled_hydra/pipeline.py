@@ -230,15 +230,13 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
         val_maps, val_scores = predictions[0]
         post = fit_postprocessor(val_scores, data.val.labels, val_maps, data.val.masks)
         del predictions, val_maps
-        pred_labels, pred_masks = post.predict(test_scores, test_maps)
-        norm_maps = post.normalize_maps(test_maps)
+        pred_labels = post.predict(test_scores)[0]
         pixel_thresholds = torch.full((len(test),), post.pixel_threshold)
         save_postprocessor(run_dir / POSTPROCESS_FILE, post, fitted_on="validation split")
     else:
         del predictions
         fitted = fold_postprocessors(test_scores, test.labels, test_maps, test.masks, int(cfg.seed))
-        pred_labels, pred_masks, _, norm_maps = cross_fit(test_scores, test.labels, test_maps, test.masks,
-                                                          int(cfg.seed), fitted=fitted)
+        pred_labels = cross_fit(test_scores, test.labels, None, None, int(cfg.seed), fitted=fitted)[0]
         folds, posts = fitted
         pixel_thresholds = torch.tensor([posts[int(f)].pixel_threshold for f in folds])
         # For new images only (predict): fitted on every test image. Never used for the reported
