@@ -53,20 +53,22 @@ def first_line_and_stages(args: list[str], env: dict, cwd: str) -> tuple[float, 
         if "stages: " in line:
             stages = {name: float(seconds) for name, seconds in STAGE.findall(line.split("stages: ", 1)[1])}
     err = proc.stderr.read()
-    if proc.wait() != 0:
+    if proc.wait() != 0 or not stages:
         sys.exit(f"the run failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
     return first or float("nan"), stages
 
 
-def measure(env: dict, tmp: str, repeat: int, error_args: list[str], run_args: list[str] | None) -> dict[str, float]:
-    """One repeat of every number (see the module doc)."""
+def measure(env: dict, tmp: str, error_args: list[str], run_args: list[str] | None) -> dict[str, float]:
+    """One repeat of every number (see the module doc), the run in a new run dir (not a finished one's
+    results read back)."""
     out = {}
     out["config error (exit 2)"], proc = timed([*error_args, f"hydra.run.dir={tmp}/error"], env, tmp)
     assert proc.returncode == 2, proc.stderr
     out["--help"], proc = timed(["--help"], env, tmp)
     assert proc.returncode == 0, proc.stderr
     if run_args is not None:
-        out["first log line"], stages = first_line_and_stages([*run_args, f"hydra.run.dir={tmp}/run{repeat}"], env, tmp)
+        run_dir = tempfile.mkdtemp(prefix="run", dir=tmp)
+        out["first log line"], stages = first_line_and_stages([*run_args, f"hydra.run.dir={run_dir}"], env, tmp)
         out["startup stage"] = stages.get("startup", float("nan"))
         out["data stage"] = stages.get("data", float("nan"))
         out["startup + data"] = out["startup stage"] + out["data stage"]
@@ -90,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for name, variant_env in variants.items():
-                numbers = measure(variant_env, tmp, repeat, args.error_args, None if args.no_run else args.run_args)
+                numbers = measure(variant_env, tmp, args.error_args, None if args.no_run else args.run_args)
                 for what, seconds in numbers.items():
                     rows[name].setdefault(what, []).append(seconds)
             print(f"  repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
