@@ -24,7 +24,6 @@ from tiled_hydra.config import PRECISIONS, TRAINER_ARGUMENTS, source_signature
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
-TINY_DATA = ["dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6"]
 
 
 def run_cli(args: list[str], run_dir: Path | None = None) -> int:
