@@ -239,3 +239,13 @@ def test_export_command_line_writes_an_artifact(exported, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "tiled_hydra.export", "--help"], cwd=REPO, env=ENV,
                                capture_output=True, text=True).stdout
     assert "run_dir: ???" in help_text and "format: onnx" in help_text
+
+
+def test_openvino_format_equals_the_engine_too(trained_run, tmp_path):
+    pytest.importorskip("openvino")
+    run_dir = trained_run("padim", "ens9").run_dir
+    export_run(run_dir, tmp_path / "ov", "openvino")
+    manifest = json.loads((tmp_path / "ov" / MANIFEST_FILE).read_text())
+    assert manifest["format"] == "openvino" and manifest["graphs"]["backbone"] == "backbone.xml"
+    assert {"backbone.xml", "backbone.bin", "slot_008.xml", "slot_008.bin"} <= set(manifest["files"])
+    assert_equal_to_engine(run_dir, tmp_path / "ov")

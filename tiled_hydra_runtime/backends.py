@@ -38,7 +38,8 @@ class OpenVinoGraph:
             import openvino as ov
         except ImportError:
             raise UsageError("this artifact is in OpenVINO format: pip install openvino") from None
-        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        # float32 throughout: on CPUs with bfloat16 units OpenVINO's default would run the graphs in bfloat16
+        config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         self.model = ov.Core().compile_model(str(path), "CPU", config)
         self.request = self.model.create_infer_request()
         self.inputs = [i.get_any_name() for i in self.model.inputs]
