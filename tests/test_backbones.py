@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from skimage import data
 
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR
 from tiled_hydra.models.backbone import _package_state_dict, build_backbone
 
 CAT_CLASSES = range(281, 286)

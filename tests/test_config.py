@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import choices
+from tests.helpers import choices
 from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.core.tiling import TileGrid
 

@@ -16,9 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import single_torch_thread
-from tests.test_models import auroc, efficientnet, tile_sets
-from tests.test_run import write_mvtec
+from tests.helpers import ACCURACY, MODELS_PER_SETUP, SETUPS, auroc, efficientnet, tile_sets
 from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.models.efficient_ad import teacher as teacher_module
 from tiled_hydra.models.efficient_ad.teacher import DistillRecipe, distilled_teacher, load_teacher_file
@@ -39,14 +37,6 @@ from tiled_hydra.models.efficient_ad.torch_model import (
 MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model" / "efficient_ad.yaml"
 TILE = 64
 TINY_DISTILL = {"steps": 3, "batch_size": 2, "crop_size": 64, "stats_batches": 1}
-# The paper's setups scaled down 4x (256 -> 64 px tiles, the PDN's smallest input).
-TINY64 = {
-    "sm256": (64, 64, 64), "sm512": (128, 128, 128), "st4": (128, 64, 64),
-    "st9": (128, 64, 32), "ens4": (128, 64, 64), "ens9": (128, 64, 32),
-}
-
-
-one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 def n_params(module: torch.nn.Module) -> float:
@@ -210,8 +200,9 @@ def train(model, tiles: torch.Tensor, steps: int, batch_size: int = 4):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("teachers")
+def cache_dir(data_roots) -> Path:
+    """The session's teacher cache: the end-to-end runs distil the same teacher (same backbone and recipe)."""
+    return data_roots["teachers"]
 
 
 @pytest.fixture(scope="module")
@@ -365,44 +356,27 @@ def test_a_folder_corpus_gives_crops_and_an_empty_one_is_a_one_line_error(tmp_pa
     assert "\n" not in str(err.value)
 
 
-# -- end to end -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mvtec_root(tmp_path_factory) -> Path:
-    return write_mvtec(tmp_path_factory.mktemp("mvtec"), size=128)
-
-
-def tiny64_overrides(setup: str, root: Path, cache: Path) -> list[str]:
-    image, tile, stride = TINY64[setup]
-    return [
-        f"+setup={setup}", f"setup.image_size={image}", f"setup.tile_size={tile}", f"setup.stride={stride}",
-        "dataset=mvtec", f"dataset.root={root}", "dataset.category=widget", "logger=none", "model=efficient_ad",
-        "model.batch_size=4", "model.max_steps=2", f"model.net.teacher_cache={cache}",
-        *[f"model.net.distill.{k}={v}" for k, v in TINY_DISTILL.items()],
-        "report.overlays=2", "speed.warmup=1", "speed.repeats=2", "speed.batch_size=2",
-    ]
-
-
-@pytest.mark.slow  # six tiny end-to-end runs
-@pytest.mark.parametrize("setup", list(TINY64))
-def test_every_setup_runs_end_to_end(compose_cfg, mvtec_root, cache_dir, tmp_path, setup):
-    from tiled_hydra.pipeline import run
-
-    results = run(compose_cfg(tiny64_overrides(setup, mvtec_root, cache_dir)), tmp_path)
+# -- end to end (the paper's setups scaled down 4x: 64 px tiles, the PDN's smallest input) -----------------
+@pytest.mark.parametrize("setup", SETUPS)
+def test_every_setup_runs_end_to_end(trained_run, setup):
+    run = trained_run("efficient_ad", setup)
+    results = run.results
     assert results["model"] == "efficient_ad"
-    assert results["num_models"] == {"sm256": 1, "sm512": 1, "st4": 1, "st9": 1, "ens4": 4, "ens9": 9}[setup]
-    assert len(list((tmp_path / "checkpoints").glob("slot_*.pt"))) == results["num_models"]
-    for key in ("image_AUROC", "pixel_AUPRO", "pixel_AUROC"):
+    assert results["num_models"] == MODELS_PER_SETUP[setup]
+    assert len(list((run.run_dir / "checkpoints").glob("slot_*.pt"))) == results["num_models"]
+    for key in ACCURACY:
         assert 0.0 <= results[key] <= 1.0, key
     assert results["train_peak_mem_bytes"] > 0 and results["infer_peak_mem_bytes"] > 0
 
 
-@pytest.mark.slow
-def test_resuming_retrains_only_the_missing_slot_to_the_same_result(compose_cfg, mvtec_root, cache_dir, tmp_path):
-    from tiled_hydra.pipeline import run
+def test_resuming_retrains_only_the_missing_slot_to_the_same_result(trained_run, tmp_path):
+    from tiled_hydra.pipeline import train
 
-    cfg = compose_cfg(tiny64_overrides("ens4", mvtec_root, cache_dir))
-    reference = run(cfg, tmp_path)
-    (tmp_path / "checkpoints" / "slot_002.pt").unlink()  # as if interrupted while training slot 2
-    resumed = run(cfg, tmp_path)
-    for key in ("image_AUROC", "pixel_AUPRO", "pixel_AUROC", "image_F1", "pixel_F1"):
-        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+    cached = trained_run("efficient_ad", "ens4")
+    run_dir = cached.copy(tmp_path / "run")
+    (run_dir / "results.json").unlink()
+    (run_dir / "checkpoints" / "slot_002.pt").unlink()  # as if interrupted while training slot 2
+    resumed = train(cached.cfg, run_dir).results
+    assert resumed["resumed_slots"] == 3
+    for key in ACCURACY:
+        assert resumed[key] == pytest.approx(cached.results[key], abs=1e-6), key

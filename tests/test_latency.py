@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.test_run import tiny_overrides, write_mvtec
-from tiled_hydra.models.backbone import build_backbone
-from tiled_hydra.data.base import AnomalyData
-from tiled_hydra.slots.trainer import SlotRunner
-from tiled_hydra.errors import instantiate_checked
-from tiled_hydra.inference.engine import engine_for
+from tiled_hydra.build import build_data, build_run
 from tiled_hydra.inference.latency import measure_speed, timed_seconds
-from tiled_hydra.pipeline import evaluate, make_grid
-
-
-@pytest.fixture(scope="module")
-def mvtec_root(tmp_path_factory):
-    return write_mvtec(tmp_path_factory.mktemp("mvtec"), n_train=3, n_good=2, n_bad=2)
-
-
-def trained_runner(cfg, run_dir):
-    grid = make_grid(cfg.setup)
-    data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
-    backbone = build_backbone(**OmegaConf.to_container(cfg.backbone, resolve=True), layers=list(cfg.model.net.layers))
-    kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": "cpu"}
-    runner = SlotRunner(cfg, grid, backbone, torch.device("cpu"), run_dir / "checkpoints", kwargs)
-    runner.train_all(data.train.images)
-    return runner, grid, data
 
 
 @pytest.mark.parametrize("setup", ["st9", "ens4"])  # one shared model on overlapping tiles; one model per tile
-def test_timed_step_equals_the_runs_inference(compose_cfg, mvtec_root, tmp_path, setup):
-    cfg = compose_cfg(tiny_overrides(setup, mvtec_root))
-    runner, grid, data = trained_runner(cfg, tmp_path)
-    (maps, scores), = evaluate(runner, cfg, [data.test])[0]
-    step = engine_for(runner, cfg, keep=True)
+def test_timed_step_equals_the_runs_inference(trained_run, setup):
+    cached = trained_run("padim", setup)
+    run = build_run(cached.cfg, cached.run_dir / "checkpoints")
+    data = build_data(cached.cfg, run.grid)
+    (maps, scores), = run.engine(keep=False).predict(data.test.images)  # as the run's evaluation: slots read from disk
+    step = run.engine(keep=True)
     step_maps, step_scores = step(data.test.images)
     torch.testing.assert_close(step_maps, maps, atol=1e-6, rtol=0)
     torch.testing.assert_close(step_scores, scores, atol=1e-6, rtol=0)
 
     calls = []
-    speed = measure_speed(lambda batch: calls.append(len(batch)) or step(batch), data.test.images, warmup=1, repeats=3, throughput_batch_size=3)
+    speed = measure_speed(lambda batch: calls.append(len(batch)) or step(batch), data.test.images, warmup=1, repeats=3,
+                          throughput_batch_size=3)
     # latency: 1 warm-up + 3 timed steps of 1 image; throughput: ceil(1/3) + ceil(3/3) steps of 3
     assert calls == [1, 1, 1, 1, 3, 3]
     assert set(speed) == {"latency_ms", "throughput_images_per_second", "throughput_batch_size"}

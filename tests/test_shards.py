@@ -203,6 +203,7 @@ def test_slurm_shards_render_one_gpu_per_shard(compose_cfg, tmp_path, monkeypatc
     assert shard_slots(9, int(cfg.ensemble.shard), int(cfg.ensemble.num_shards)) == [4]  # one slot per GPU
 
 
+@pytest.mark.cluster  # starts a Ray runtime; Ray shards on two nodes: tests/test_cluster.py
 def test_ray_runs_two_shards_locally(tiny, tmp_path):
     if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
         pytest.skip("hydra-ray-launcher not installed (pip install -e '.[ray]'): the Ray form is not exercised here")

@@ -90,12 +90,28 @@ def test_tile_subset_equals_the_same_tiles_of_the_full_tiling():
     assert torch.equal(grid.tile_subset(x, chosen), grid.tile(x)[:, chosen])
 
 
-def test_lazy_tiles_are_the_slot_tiles_in_image_major_order():
-    from tiled_hydra.slots.trainer import LazyTiles, iter_tile_batches
+def test_lazy_tiles_are_the_tile_features_pixels_in_image_major_order():
+    # Training reads a slot's tiles lazily (LazyTiles: models that fold raw tiles into statistics) or in
+    # chunks through TileFeatures.pixels (inference, cached embeddings): the same tiles, the same order.
+    from tests.helpers import efficientnet
+    from tiled_hydra.core.features import TileFeatures, chunks
+    from tiled_hydra.slots.trainer import LazyTiles
 
     grid = TileGrid.create(64, 32, 16)
     x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
     tiles = [1, 5]
     lazy = torch.stack([LazyTiles(x, grid, tiles)[i][0] for i in range(6)])
-    eager = torch.cat([batch for _, batch in iter_tile_batches(x, grid, tiles, tiles_per_batch=4)])
+    features = TileFeatures(efficientnet([1, 2, 3]), grid, torch.device("cpu"), "per_tile", batch_size=4)
+    eager = torch.cat([features.pixels(x, chunk, tiles) for chunk in chunks(len(x), 4 // len(tiles))])
     assert torch.equal(lazy, eager)
+    # image-major: image 0's tiles 1 and 5, then image 1's, ...; each the tile's window of the image
+    rows, cols = grid.window(5)
+    assert torch.equal(eager[3], x[1, :, rows, cols].float() / 255)
+
+
+def test_chunks_cover_every_item_once():
+    from tiled_hydra.core.features import chunks
+
+    assert [(c.start, c.stop) for c in chunks(7, 3)] == [(0, 3), (3, 6), (6, 7)]
+    assert [(c.start, c.stop) for c in chunks(2, 0)] == [(0, 1), (1, 2)]  # at least one per chunk
+    assert list(chunks(0, 4)) == []
