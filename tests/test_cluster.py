@@ -17,12 +17,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -144,26 +146,39 @@ def ray_jobs(out: Path) -> dict[int, dict]:
     return {row["job"]: row for row in json.loads((out / "sweep" / "ray_jobs.json").read_text())}
 
 
-def kill_node_during_its_second_slot(cluster: dict, args: list[str], out: Path) -> tuple[subprocess.Popen, int, int]:
+@contextmanager
+def started(args: list[str], env: dict, log_path: Path):
+    """The command running in the background, killed on the way out if it has not ended."""
+    with open(log_path, "w") as log:
+        command = subprocess.Popen([sys.executable, "-m", "tiled_hydra", *args], cwd=REPO, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            yield command
+        finally:
+            command.kill()
+            command.wait()
+
+
+@contextmanager
+def kill_node_during_its_second_slot(cluster: dict, args: list[str], out: Path):
     """Start the sharded command; once the worker node has saved one slot and trains its next one,
-    kill -9 the node (its raylet and every process under it). Returns (command, the shard that
+    kill -9 the node (its raylet and every process under it). Yields (command, the shard that
     was lost, the pid that trained its finished slot)."""
     state, node = cluster["state"], raylet("127.0.0.3", cluster["state"])
-    log = open(out.with_suffix(".log"), "w")
-    command = subprocess.Popen([sys.executable, "-m", "tiled_hydra", *args], cwd=REPO, env=cluster["env"], stdout=log,
-                               stderr=subprocess.STDOUT)
-    slots, deadline = out / "slots", time.monotonic() + 600
-    while True:
-        assert command.poll() is None, f"the command ended before the kill: {out.with_suffix('.log').read_text()[-2000:]}"
-        assert time.monotonic() < deadline, "the worker node never trained a second slot"
-        on_node = {p.pid for p in node.children(recursive=True)}
-        for shard, (first, second) in SHARD_SLOTS.items():
-            done, lock = slots / f"slot_{first:03d}.json", slots / f"slot_{second:03d}.lock"
-            pid = lock.read_text().strip() if lock.exists() else ""
-            if done.exists() and pid.isdigit() and int(pid) in on_node and not lock.with_suffix(".json").exists():
-                ray_local("kill-node", str(state), "127.0.0.3")
-                return command, shard, json.loads(done.read_text())["pid"]
-        time.sleep(0.1)
+    with started(args, cluster["env"], out.with_suffix(".log")) as command:
+        slots, deadline = out / "slots", time.monotonic() + 600
+        while True:
+            assert command.poll() is None, f"the command ended before the kill: {out.with_suffix('.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the worker node never trained a second slot"
+            on_node = {p.pid for p in node.children(recursive=True)}
+            for shard, (first, second) in SHARD_SLOTS.items():
+                done, lock = slots / f"slot_{first:03d}.json", slots / f"slot_{second:03d}.lock"
+                pid = lock.read_text().strip() if lock.exists() else ""
+                if done.exists() and pid.isdigit() and int(pid) in on_node and not lock.with_suffix(".json").exists():
+                    ray_local("kill-node", str(state), "127.0.0.3")
+                    yield command, shard, json.loads(done.read_text())["pid"]
+                    return
+            time.sleep(0.1)
 
 
 @pytest.mark.cluster
@@ -188,8 +203,8 @@ def test_a_lost_ray_node_costs_only_its_unfinished_slots(two_nodes, sequential, 
     only the lost shard's unfinished slot."""
     out = tmp_path / "lost"
     args = ray_shards(out, "hydra.launcher.remote.max_retries=0")
-    command, lost, finished_pid = kill_node_during_its_second_slot(two_nodes, args, out)
-    assert command.wait(timeout=600) == 1
+    with kill_node_during_its_second_slot(two_nodes, args, out) as (command, lost, finished_pid):
+        assert command.wait(timeout=600) == 1
     last = out.with_suffix(".log").read_text().strip().splitlines()[-1]
     assert last.startswith(f"tiled_hydra: error: job #{lost} (ensemble.shard={lost}) was lost"), last
     before = records(out / "slots")
@@ -213,8 +228,8 @@ def test_ray_retries_a_lost_nodes_job_on_a_live_node(two_nodes, sequential, tmp_
     """Ray's retry (the default max_retries=3): the command itself finishes after the node is
     lost; the retried shard keeps the slot its lost node had finished."""
     out = tmp_path / "retried"
-    command, lost, finished_pid = kill_node_during_its_second_slot(two_nodes, ray_shards(out), out)
-    assert command.wait(timeout=900) == 0, out.with_suffix(".log").read_text()[-3000:]
+    with kill_node_during_its_second_slot(two_nodes, ray_shards(out), out) as (command, lost, finished_pid):
+        assert command.wait(timeout=900) == 0, out.with_suffix(".log").read_text()[-3000:]
     slots, jobs = records(out / "slots"), ray_jobs(out)
     first, second = SHARD_SLOTS[lost]
     assert slots[first]["pid"] == finished_pid, "the slot finished on the lost node was kept"
@@ -257,7 +272,12 @@ def slurm_shards(out: Path) -> list[str]:
 
 def slurm_jobs(out: Path) -> dict[int, str]:
     """{array index (= shard): SLURM job id} from submitit's folders (SWEEP/.submitit/ID_K)."""
-    return {int(p.name.rsplit("_", 1)[1]): p.name for p in (out / "sweep" / ".submitit").iterdir() if "_" in p.name}
+    folders = [p.name for p in (out / "sweep" / ".submitit").iterdir() if p.is_dir() and re.fullmatch(r"\d+_\d+", p.name)]
+    return {int(name.split("_")[1]): name for name in folders}
+
+
+def slurm_state(job: str, env: dict) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
 
 
 def slurm_node(job: str, env: dict) -> str:
@@ -286,9 +306,20 @@ def test_a_preempted_slurm_shard_is_requeued_and_resumes_its_slots(slurm_cluster
     PreemptMode=REQUEUE does): the job is killed, runs again, finds its first slot trained and
     trains the second; the multirun command finishes by itself."""
     out, env = tmp_path / "preempted", slurm_cluster["env"]
-    log = open(out.with_suffix(".log"), "w")
-    command = subprocess.Popen([sys.executable, "-m", "tiled_hydra", *slurm_shards(out)], cwd=REPO, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
+    with started(slurm_shards(out), env, out.with_suffix(".log")) as command:
+        shard, training_pid, finished = requeue_during_second_slot(command, out, env)
+    after = records(out / "slots")
+    first, second = SHARD_SLOTS[shard]
+    assert after[first]["sha256"] == finished["sha256"] and after[first]["pid"] == finished["pid"]
+    assert after[second]["pid"] not in (training_pid, finished["pid"]), "the second slot was trained by the requeued job"
+    shard_file = json.loads(next((out / "sweep").glob(f"*ensemble.shard={shard}*/shard.json")).read_text())
+    assert shard_file["resumed_slots"] == 1 and shard_file["missing_slots"] == []
+    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential)
+
+
+def requeue_during_second_slot(command: subprocess.Popen, out: Path, env: dict) -> tuple[int, int, dict]:
+    """scontrol requeue the first shard job seen training its second slot; wait for the command to
+    finish. Returns (shard, pid that was training, the record of the shard's finished slot)."""
     slots, deadline, target = out / "slots", time.monotonic() + 600, None
     while target is None:
         assert command.poll() is None and time.monotonic() < deadline, out.with_suffix(".log").read_text()[-2000:]
@@ -307,16 +338,13 @@ def test_a_preempted_slurm_shard_is_requeued_and_resumes_its_slots(slurm_cluster
     while alive(training_pid):
         assert time.monotonic() < deadline, "the requeued job's process was not killed"
         time.sleep(0.2)
-    # SLURM holds a requeued job for a while (BeginTime); release it now instead of waiting.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], env=env, capture_output=True)
+    # SLURM holds a requeued job for a while (pending, reason BeginTime); release it instead of waiting.
+    while slurm_state(job, env) != "PENDING":
+        assert time.monotonic() < deadline, f"job {job} was not requeued: {slurm_state(job, env)}"
+        time.sleep(0.5)
+    ok(subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], env=env, capture_output=True, text=True))
     assert command.wait(timeout=900) == 0, out.with_suffix(".log").read_text()[-3000:]
-    after = records(slots)
-    first, second = SHARD_SLOTS[shard]
-    assert after[first]["sha256"] == finished["sha256"] and after[first]["pid"] == finished["pid"]
-    assert after[second]["pid"] not in (training_pid, finished["pid"]), "the second slot was trained by the requeued job"
-    shard_file = json.loads(next((out / "sweep").glob(f"*ensemble.shard={shard}*/shard.json")).read_text())
-    assert shard_file["resumed_slots"] == 1 and shard_file["missing_slots"] == []
-    evaluate_equals_sequential(slots, tmp_path / "evaluate", sequential)
+    return shard, training_pid, finished
 
 
 # -- placement and rendering (no daemon: the default suite) -----------------------------------------
