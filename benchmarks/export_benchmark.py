@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SMALL_DATA = ["dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6"]
 STEPS = {"fastflow": ["model.max_steps=20"], "reverse_distillation": ["model.max_steps=20"],
-         "efficient_ad": ["model.max_steps=20"], "ddad": ["model.max_steps=20"]}
+         "efficient_ad": ["model.max_steps=20", "model.net.distill.steps=20"], "ddad": ["model.max_steps=20"]}
 
 
 def train(model: str, setup: str, run_dir: Path, extra: list[str]) -> None:
