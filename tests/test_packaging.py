@@ -15,9 +15,12 @@ def setuptools_table() -> dict:
 
 
 def test_the_package_list_names_every_package():
-    found = setuptools.find_packages(where=str(REPO), include=["tiled_hydra", "tiled_hydra.*"])
+    found = setuptools.find_packages(where=str(REPO), exclude=["tests", "tests.*", "build", "build.*"])
+    # Hydra finds launcher plugins only in the namespace package hydra_plugins (no __init__.py of its own)
+    plugins = [f"hydra_plugins.{p.parent.name}" for p in (REPO / "hydra_plugins").glob("*/__init__.py")]
     # conf/ is not a Python package: it ships as tiled_hydra.conf through package-dir
-    assert sorted(setuptools_table()["packages"]) == sorted([*found, "tiled_hydra.conf"])
+    assert sorted(setuptools_table()["packages"]) == sorted([*found, *plugins, "tiled_hydra.conf"])
+    assert {"tiled_hydra", "tiled_hydra.slots", "tiled_hydra.models.padim"} <= set(found)
     assert setuptools_table()["package-dir"] == {"tiled_hydra.conf": "conf"}
 
 

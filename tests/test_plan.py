@@ -74,12 +74,13 @@ def test_non_square_image_and_infeasible_budget():
 
 
 def write_study(root: Path, model: str = "padim", backbone: str = "efficientnet_lite0") -> Path:
+    # exact quadratics, each checked by a hold-out point (the planner refuses fits without one)
     fits = [{"quantity": q, "component": "total", "b0": c.b0, "b1": c.b1, "b2": c.b2, "r2": 1.0, "n_points": 6,
-             "holdout": None, "extrapolated": {}} for q, c in (("peak_bytes", MEMORY), ("counted_bytes", MEMORY),
-                                                               ("seconds", SECONDS))]
+             "holdout": {"x": 1024.0, "measured": float(c(1024)), "predicted": float(c(1024)), "relative_error": 0.0},
+             "extrapolated": {}} for q, c in (("peak_bytes", MEMORY), ("counted_bytes", MEMORY), ("seconds", SECONDS))]
     study = {"study": "scaling", "model": model, "backbone": backbone, "components": [], "fits": fits,
              "measurements": [{"mem_kind": "rss"}], "max_resolution": [],
-             "settings": {"device": "cpu", "resolutions": [256, 512], "n_train": 8}}
+             "settings": {"device": "cpu", "resolutions": [256, 384, 512, 640, 768, 1024], "n_train": 8}}
     (root / "job").mkdir(parents=True)
     (root / "job" / "scaling.json").write_text(json.dumps(study))
     return root

@@ -12,8 +12,7 @@ from tiled_hydra.core.progress import show_progress
 
 def test_auto_draws_bars_on_a_terminal_and_not_into_a_pipe(monkeypatch):
     master, replica = pty.openpty()
-    os.close(master)
-    with os.fdopen(replica, "w") as terminal:
+    with os.fdopen(master, "rb") as _, os.fdopen(replica, "w") as terminal:  # the master end stays open: a live terminal
         monkeypatch.setattr(sys, "__stdout__", terminal)
         assert show_progress("auto") and show_progress(None)
         assert show_progress(True) and not show_progress(False)

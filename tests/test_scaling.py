@@ -163,7 +163,8 @@ def tiny_study(tmp_path_factory):
     from tiled_hydra.scaling.study import run_study, save_study
 
     cfg = compose_named("scaling", ["model=padim", f"resolutions=[{','.join(map(str, SIDES))}]", "n_train=4",
-                                    "timing.cpu.warmup=0", "timing.cpu.repeats=1", "trainer.accelerator=cpu"])
+                                    "timing.cpu.warmup=0", "timing.cpu.repeats=1", "trainer.accelerator=cpu",
+                                    "isolation=none"])  # (a resolution in its own process: test_scaling_fits.py)
     run_dir = tmp_path_factory.mktemp("study") / "padim"
     study = run_study(cfg, run_dir)
     assert not (run_dir / "scaling.json").exists() and not list(run_dir.glob("*.png"))  # measuring only
