@@ -7,7 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tiled_hydra.metrics.bootstrap import PerImage, bootstrap_interval, image_auroc, load_per_image, paired_difference, pixel_aupro, save_per_image, stratified_draws
+from tiled_hydra.metrics.bootstrap import (
+    Difference, PerImage, image_auroc, interval, load_per_image, pixel_aupro, save_per_image, seed_mean, stratified_draws,
+)
 from tiled_hydra.data.base import Split
 from tiled_hydra.metrics.pixel import pixel_metrics
 
@@ -17,6 +19,17 @@ PATHS = np.array([f"img_{i:02d}.png" for i in range(40)])
 
 def record(scores) -> PerImage:
     return PerImage(PATHS, LABELS, np.asarray(scores, dtype=np.float64))
+
+
+def paired_difference(a: list[PerImage], b: list[PerImage], metric: str, draws: int) -> Difference:
+    """b - a on the same draws of the same images, as compare's intervals (analysis/significance.py) do."""
+    weights, ones = stratified_draws(LABELS, draws, seed=0), np.ones((1, len(LABELS)))
+    low, high = interval(seed_mean(b, metric, weights) - seed_mean(a, metric, weights))
+    return Difference(float(seed_mean(b, metric, ones)[0] - seed_mean(a, metric, ones)[0]), low, high)
+
+
+def bootstrap_interval(records: list[PerImage], metric: str, draws: int) -> tuple[float, float]:
+    return interval(seed_mean(records, metric, stratified_draws(LABELS, draws, seed=0)))
 
 
 def test_draws_keep_both_classes_and_their_sizes():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tiled_hydra.core.merge import merge_labels, merge_scores, seam_band_mask, smooth_seams
+from tiled_hydra.core.merge import merge_scores, seam_band_mask, smooth_seams
 from tiled_hydra.core.tiling import TileGrid
 
 ST9 = TileGrid.create(512, 256, 128)  # seams at 128, 256, 384 on both axes
@@ -18,11 +18,6 @@ def test_mean_is_eq5_and_max_takes_the_worst_tile():
     assert merge_scores(tile_scores, "max").tolist() == [6.0, 4.0]
     with pytest.raises(ValueError, match="mean' or 'max"):
         merge_scores(tile_scores, "median")
-
-
-def test_image_label_is_or_of_tile_labels():
-    tile_labels = torch.tensor([[False, False, True], [False, False, False], [True, True, True]])
-    assert merge_labels(tile_labels).tolist() == [True, False, True]
 
 
 def test_band_is_ten_percent_of_the_tile_on_each_side_st9():

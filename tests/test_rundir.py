@@ -83,6 +83,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrites_nothing(main_cli, t
 
 
 # -- 2 and 3: a real kill -9, resumed costs; a second process in the same run dir; W&B --------------------
+@pytest.mark.slow
 def test_lock_kill_and_resume(main_cli, trained_run, tiny, tmp_path):
     """FastFlow on ENS4 (four slots) with W&B offline and progress bars: the job is stopped as soon
     as slot 0 is saved, two other commands are refused its run dir, it is killed -9, and a re-run

@@ -89,6 +89,7 @@ def test_a_shard_cannot_evaluate(compose_cfg, tiny):
 
 
 # -- two processes through Hydra's joblib launcher, then one evaluation ------------------------------
+@pytest.mark.slow
 def test_two_joblib_shards_equal_the_sequential_run(main_cli, trained_run, tiny, tmp_path):
     shared = tmp_path / "slots"
     base = tiny.canonical("ens4")
@@ -131,6 +132,7 @@ def test_two_joblib_shards_equal_the_sequential_run(main_cli, trained_run, tiny,
     assert other["resumed_slots"] == 4
 
 
+@pytest.mark.slow
 def test_evaluation_refuses_missing_slots_and_a_killed_shard_resumes(main_cli, trained_run, tiny, tmp_path):
     """FastFlow (trainable, deterministic on one thread): shard 1 trains here; evaluation names the
     missing slots; shard 0 in its own process is killed -9 after its first slot; re-running it
@@ -270,6 +272,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_killing_the_command_kills_its_worker_and_a_rerun_equals_the_sequential_run(main_cli, trained_run, tiny, tmp_path):
     """The command (its own process) starts a worker for shard 1 and is killed -9: the worker dies
     with it. The same command again (here, in this process, with a new worker) trains what is
@@ -316,6 +319,7 @@ def test_killing_the_command_kills_its_worker_and_a_rerun_equals_the_sequential_
     assert results(run_dir)["resumed_slots"] == 4
 
 
+@pytest.mark.slow
 def test_a_failing_worker_fails_the_run(main_cli, tiny, tmp_path):
     # The worker's own run dir is taken (a live lock held by this test): the worker exits 2, the run fails (1).
     from tiled_hydra.rundir import RunDirLock

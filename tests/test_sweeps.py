@@ -152,6 +152,7 @@ def tiny_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Pat
     return root / "multirun", proc, root / "data"
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_two_jobs_in_parallel(tiny_sweep):
     sweep_dir, proc, _ = tiny_sweep
     log = proc.stdout + proc.stderr
@@ -188,6 +189,7 @@ def check_compare_output(out: Path, printed: str, runs: list[dict]) -> None:
     assert all("latency_ms" in r for r in runs)  # speed.enabled=true in every job
 
 
+@pytest.mark.slow
 def test_compare_reads_the_sweep_from_results_json(call, tiny_sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     sweep_dir, _, _ = tiny_sweep
@@ -197,6 +199,7 @@ def test_compare_reads_the_sweep_from_results_json(call, tiny_sweep, tmp_path, m
     assert "4 runs" in ran.out
 
 
+@pytest.mark.slow
 def test_compare_reads_the_same_sweep_from_wandb_offline_runs(call, tiny_sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     sweep_dir, _, _ = tiny_sweep
@@ -213,6 +216,7 @@ def test_compare_reads_the_same_sweep_from_wandb_offline_runs(call, tiny_sweep, 
     assert (tmp_path / "from_flag" / "table.csv").read_text() == (tmp_path / "reference" / "table.csv").read_text()
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs_and_runs_the_missing_one(main_cli, tiny_sweep):
     # The same sweep again, in this process (Hydra's basic launcher, no W&B: neither is part of a
     # job's name or fingerprint): the three finished jobs are read back, the missing one runs.
