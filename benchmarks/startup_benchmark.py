@@ -33,7 +33,7 @@ COMMAND = [sys.executable, "-m", "tiled_hydra"]
 RUN_ARGS = ["+setup=ens9", "model=padim", "logger=none", "dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6",
             "report.overlays=0"]
 ERROR_ARGS = ["+setup=ens9", "model=padim", "logger=none", "model.net.n_features=-5"]
-STAGE = re.compile(r"(\w+) ([\d.]+) s \(cpu")
+STAGE = re.compile(r"(\w+) ([\d.]+) s \(cpu ([\d.]+) s")
 
 
 def timed(args: list[str], env: dict, cwd: str) -> tuple[float, subprocess.CompletedProcess]:
@@ -51,7 +51,8 @@ def first_line_and_stages(args: list[str], env: dict, cwd: str) -> tuple[float, 
     for line in proc.stdout:
         first = first if first is not None else time.perf_counter() - started
         if "stages: " in line:
-            stages = {name: float(seconds) for name, seconds in STAGE.findall(line.split("stages: ", 1)[1])}
+            for name, wall, cpu in STAGE.findall(line.split("stages: ", 1)[1]):
+                stages[name], stages[f"{name} cpu"] = float(wall), float(cpu)
     err = proc.stderr.read()
     if proc.wait() != 0 or not stages:
         sys.exit(f"the run failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
@@ -72,6 +73,9 @@ def measure(env: dict, tmp: str, error_args: list[str], run_args: list[str] | No
         out["startup stage"] = stages.get("startup", float("nan"))
         out["data stage"] = stages.get("data", float("nan"))
         out["startup + data"] = out["startup stage"] + out["data stage"]
+        # CPU seconds: less inflated than wall time when other jobs share the cores
+        out["startup stage, cpu"] = stages.get("startup cpu", float("nan"))
+        out["startup + data, cpu"] = out["startup stage, cpu"] + stages.get("data cpu", float("nan"))
     return out
 
 
