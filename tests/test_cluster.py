@@ -4,7 +4,7 @@ both on this machine (tools/cluster/), a lost Ray node and a preempted SLURM job
 The tests marked ``cluster`` start daemons and train for minutes, so the default ``pytest`` run
 leaves them out (``-m "not cluster"`` in pyproject); they run with
 
-    bash tools/cluster/install.sh && python -m pytest -m cluster
+    bash tools/cluster/install.sh && python -m pytest -m cluster tests/test_cluster.py
 
 and skip when Ray or SLURM is not installed. Every sharded run is evaluated once and compared
 with a sequential run of the same configuration: PaDiM's slots are statistics of the same
@@ -342,7 +342,7 @@ def requeue_during_second_slot(command: subprocess.Popen, out: Path, env: dict) 
     while slurm_state(job, env) != "PENDING":
         assert time.monotonic() < deadline, f"job {job} was not requeued: {slurm_state(job, env)}"
         time.sleep(0.5)
-    ok(subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], env=env, capture_output=True, text=True))
+    ok(subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True, text=True))
     assert command.wait(timeout=900) == 0, out.with_suffix(".log").read_text()[-3000:]
     return shard, training_pid, finished
 
