@@ -5,7 +5,6 @@ plus the table of the largest square resolution each memory size serves."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tiled_hydra.scaling.study import MODEL_ORDER, curve_of, find_studies, fit_of, max_resolution_table  # noqa: E402
+from tiled_hydra.scaling.study import curve_of, find_studies, fit_of, max_resolution_table  # noqa: E402
 from tiled_hydra.scaling.study import verdict as study_verdict  # noqa: E402
 from tiled_hydra.scaling.units import format_bytes  # noqa: E402
 
