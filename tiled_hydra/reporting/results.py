@@ -121,8 +121,16 @@ def print_table(results: dict, note: str | None = None) -> None:
         label = f"{field.label} ({results.get('mem_kind', '?')})" if field.key.endswith("_mem_bytes") else field.label
         table.add_row(label, format_value(field.kind, results[field.key]))
     counts = results.get("region_count_by_size", {})
+    at_fpr = results.get("region_recall_at_fpr", {})
+    if counts:
+        views = ["pixel threshold", *(f"FPR {float(rate):.0%}" for rate in at_fpr)]
+        table.add_row("region recall by size", " | ".join(views))
     for label, recall in results.get("region_recall_by_size", {}).items():
-        table.add_row(f"region recall {label}", "no region" if recall != recall else f"{recall:.3f} of {counts.get(label, '?')}")
+        if not counts.get(label):
+            table.add_row(f"  {label} of the image", "no region")
+            continue
+        values = [recall, *(by_size.get(label, float("nan")) for by_size in at_fpr.values())]
+        table.add_row(f"  {label} of the image", " | ".join(f"{v:.2f}" for v in values) + f"  of {counts[label]}")
     if "metrics_resolution" in results:
         table.add_row("pixel metrics at", str(results["metrics_resolution"]))
     console = Console()
