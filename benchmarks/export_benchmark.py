@@ -8,7 +8,9 @@ the engine's (max |difference| of the maps normalised with the run's postprocess
         efficient_ad padim_ipca --setups ens9 sm256 --out outputs/export_benchmark
 
 Speed: latency (batch 1) and throughput (batch 8) of the runtime and of the engine on 1 and 2
-threads, the artifact's size on disk (runs trained by ``equality`` or any finished run dirs):
+threads, with the CPU time per image (all threads of the process: what the image costs when other
+jobs share the cores), and the artifact's size on disk (runs trained by ``equality`` or any
+finished run dirs):
 
     python benchmarks/export_benchmark.py speed outputs/export_benchmark/runs/padim_ens9 ... --threads 1 2
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,16 +80,28 @@ def equality(args) -> None:
                                                f"{a.max_score_difference:.1e} | {'yes' if a.labels_identical else 'NO'} |")
 
 
+def timed(step, images: torch.Tensor, batch_size: int, warmup: int, repeats: int) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, every thread) per image of ``step`` on batches of ``batch_size``."""
+    wall = cpu = 0.0
+    for i in range(warmup + repeats):
+        batch = images[(torch.arange(batch_size) + i * batch_size) % len(images)]
+        w, c = time.perf_counter(), time.process_time()
+        step(batch)
+        if i >= warmup:
+            wall, cpu = wall + time.perf_counter() - w, cpu + time.process_time() - c
+    return wall / (repeats * batch_size), cpu / (repeats * batch_size)
+
+
 def speed(args) -> None:
     from tiled_hydra.build import build_data, open_trained_run
     from tiled_hydra.export.onnx import export_run
-    from tiled_hydra.inference.latency import measure_speed
     import tiled_hydra_runtime
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ("| model | setup | runtime | threads | latency ms (batch 1) | throughput img/s (batch 8) | artifact MiB |\n"
-              "|---|---|---|---:|---:|---:|---:|\n")
+    header = ("| model | setup | runtime | threads | latency ms (batch 1) | CPU ms per image (batch 1) | "
+              "throughput img/s (batch 8) | CPU ms per image (batch 8) | artifact MiB |\n"
+              "|---|---|---|---:|---:|---:|---:|---:|---:|\n")
     for run_dir in map(Path, args.runs):
         artifact = out / "exports" / run_dir.name
         if not (artifact / "manifest.json").is_file():
@@ -99,11 +114,11 @@ def speed(args) -> None:
             detector = tiled_hydra_runtime.load(artifact, threads=threads)
             steps = {"onnx": lambda batch: detector.predict(batch.numpy()), "torch": run.engine(keep=True)}
             for name, step in steps.items():
-                result = measure_speed(step, images, warmup=args.warmup, repeats=args.repeats, throughput_batch_size=8)
+                latency, cpu_1 = timed(step, images, 1, args.warmup, args.repeats)
+                per_image, cpu_8 = timed(step, images, 8, 1, max(1, args.repeats // 8))
                 append(out / "speed.md", header,
-                       f"| {cfg.model.name} | {cfg.setup.name} | {name} | {threads} | {result['latency_ms']:.0f} | "
-                       f"{result['throughput_images_per_second']:.2f} | {size if name == 'onnx' else float('nan'):.1f} |")
-            del detector
+                       f"| {cfg.model.name} | {cfg.setup.name} | {name} | {threads} | {1000 * latency:.0f} | {1000 * cpu_1:.0f} | "
+                       f"{1 / per_image:.2f} | {1000 * cpu_8:.0f} | {f'{size:.1f}' if name == 'onnx' else '-'} |")
 
 
 def main() -> None:
@@ -117,7 +132,7 @@ def main() -> None:
     eq.add_argument("--tag", default="", help="suffix of the run names (runs with --extra)")
     sp = sub.add_parser("speed")
     sp.add_argument("runs", nargs="+")
-    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--warmup", type=int, default=1)
     sp.add_argument("--repeats", type=int, default=8)
     for p in (eq, sp):
         p.add_argument("--out", default="outputs/export_benchmark")
