@@ -66,7 +66,7 @@ def up(state: Path, workers: int, cpus: int, port: int) -> dict:
     env.pop("RAY_ADDRESS")  # ray start --head must not look for a cluster
     started = time.perf_counter()
     ray_start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", f"--temp-dir={state / 'ray'}",
-               "--include-dashboard=false", f"--ray-client-server-port={port + 1}", *node_options(cpus)], env, state / "up.log")
+               "--include-dashboard=false", *client_server(port + 1), *node_options(cpus)], env, state / "up.log")
     for k in range(1, workers + 1):
         ray_start([f"--address={address}", f"--node-ip-address={node_ip(k)}", *node_options(cpus)], env, state / "up.log")
     nodes = wait_for_nodes(address, workers + 1, {**env, **cluster_env(state, address)})
@@ -75,6 +75,14 @@ def up(state: Path, workers: int, cpus: int, port: int) -> dict:
     (state / "cluster.json").write_text(json.dumps(info, indent=2))
     (state / "ray.env").write_text("".join(f"export {k}={v}\n" for k, v in info["env"].items()))
     return info
+
+
+def client_server(port: int) -> list[str]:
+    """The Ray client server's port, when it is installed (ray[client]; the minimal ray has none):
+    not its default 10001, which a second cluster on this machine would also take."""
+    import importlib.util
+
+    return [f"--ray-client-server-port={port}"] if importlib.util.find_spec("grpc") else []
 
 
 def node_options(cpus: int) -> list[str]:
