@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tiled_hydra.cluster import node_name, visible_devices, worker_devices, worker_env
+from tiled_hydra.slots.cluster import node_name, visible_devices, worker_devices, worker_env
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools" / "cluster"

@@ -36,7 +36,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tiled_hydra.cluster import NODE_ENV
+from tiled_hydra.slots.cluster import NODE_ENV
 from tiled_hydra.errors import ConfigError, TiledHydraError
 
 log = logging.getLogger("tiled_hydra")
@@ -87,7 +87,7 @@ def run_remote(hydra_context, sweep_config: DictConfig, task_function, singleton
 
     context = ray.get_runtime_context()
     node_id = context.get_node_id()
-    os.environ[NODE_ENV] = node_id  # the slot records name the node (tiled_hydra.cluster.node_name)
+    os.environ[NODE_ENV] = node_id  # the slot records name the node (tiled_hydra.slots.cluster.node_name)
     if Path(cwd).is_dir():
         os.chdir(cwd)
     setup_globals()

@@ -173,6 +173,10 @@ def cli(args: list[str] | None = None) -> None:
     except ConfigError as err:
         fail(PROG, err)
     sys.argv = [sys.argv[0], *args]
+    if any("ray_cluster" in a for a in args):  # our Ray launcher, also where an editable install hides hydra_plugins
+        from tiled_hydra.cli.ray_launcher import register
+
+        register()
     # Hydra raises instead of printing its multi-line report and HYDRA_FULL_ERROR hint; its
     # composition errors (a key that does not exist, a bad override) become one line below.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -183,6 +187,8 @@ def cli(args: list[str] | None = None) -> None:
         main()
     except (HydraException, OmegaConfBaseException) as err:
         fail(PROG, ConfigError(f"{first_line(err)} (python -m tiled_hydra --help lists the groups and keys)"))
+    except ValueError as err:  # Hydra's own flag conflicts (e.g. -m with --cfg)
+        fail(PROG, ConfigError(first_line(err)))
     except OSError as err:  # e.g. a hydra.run.dir that cannot be created (a file on its path, no permission)
         where = f"{err.filename}: " if err.filename else ""
         fail(PROG, TiledHydraError(f"{where}{err.strerror or first_line(err)}"))

@@ -32,6 +32,7 @@ from tiled_hydra.core.memory import PeakMemory
 from tiled_hydra.core.tiling import TileGrid
 from tiled_hydra.errors import ConfigError, instantiate_checked
 from tiled_hydra.models.base import AnomalyModule
+from tiled_hydra.slots.cluster import node_name
 from tiled_hydra.slots.store import SlotStore, slot_name
 
 log = logging.getLogger("tiled_hydra")
@@ -48,6 +49,8 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`")
 # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated torch API, once per process.
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+# Lightning on a machine where SLURM's srun is installed, outside any SLURM job: not our case to warn about.
+warnings.filterwarnings("ignore", message="The `srun` command is available")
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class SlotTrainer:
             "losses": losses.losses,
             # when and where: the run's wall time spans every shard's slots (training_summary)
             "started": round(started, 3), "finished": round(time.time(), 3), "shard": shard,
-            "host": socket.gethostname(), "pid": os.getpid(),
+            "host": socket.gethostname(), "node": node_name(), "pid": os.getpid(),
         }, calibration)
         del model
         release_memory(self.device)

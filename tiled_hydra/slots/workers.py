@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tiled_hydra.errors import TiledHydraError
+from tiled_hydra.slots.cluster import worker_env
 
 log = logging.getLogger("tiled_hydra")
 
@@ -69,7 +70,8 @@ class Workers:
             cmd = [sys.executable, "-m", "tiled_hydra",
                    *worker_overrides(task_overrides, shard, workers, Path(checkpoints).resolve(), worker_dir)]
             with open(log_path, "wb") as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, **worker_env(shard, workers)},
+                                        cwd=os.getcwd(),
                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
             self.procs.append((shard, proc, log_path))
         log.info("ensemble.workers=%d: %d worker process(es) started (%d torch thread(s) each; logs in %s)",
