@@ -73,21 +73,18 @@ def assert_equal_to_engine(run_dir: Path, artifact: Path, tolerance: float = TOL
 
 
 # -- equal to the engine --------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("model", EXPORTABLE)
 def test_runtime_maps_and_labels_equal_the_engines(exported, model):
     run_dir, artifact = exported(model, "ens9")
     assert_equal_to_engine(run_dir, artifact, BF16_TOLERANCE if model == "efficient_ad" else TOLERANCE)
 
 
-@pytest.mark.slow
 def test_single_model_setup_with_cross_fitted_thresholds_equals_the_engine(exported):
     # the canonical padim sm256 run has no validation split: its postprocess.json is fitted on the test set
     run_dir, artifact = exported("padim", "sm256")
     assert assert_equal_to_engine(run_dir, artifact).labels_identical
 
 
-@pytest.mark.slow
 def test_whole_image_features_calibration_and_window_equal_the_engine(exported):
     # one shared slot over 9 overlapping tiles: 2 normal validation images give it 18 calibration tiles,
     # enough for per-position statistics (calibration.npz); Hann weights where tiles overlap
@@ -142,6 +139,7 @@ def rows(path: Path) -> dict[str, dict]:
 BLOCKED = ["torch", "torchvision", "lightning", "hydra", "omegaconf", "timm", "faiss", "scipy", "matplotlib"]
 
 
+@pytest.mark.slow
 def test_runtime_scores_a_folder_with_torch_blocked_like_predict_does(exported, data_roots, tmp_path, call):
     run_dir, artifact = exported("padim", "ens9")
     folder = folder_of_new_images(tmp_path, data_roots["synthetic64"] / "brick")
@@ -214,6 +212,7 @@ def test_unfinished_or_edited_run_dirs_or_outputs_inside_them_are_refused_in_one
     assert_one_line(result.code, result.err, "inside the run dir", expected_code=2)
 
 
+@pytest.mark.slow
 def test_a_modified_graph_or_a_newer_manifest_is_refused_in_one_line(exported, data_roots, tmp_path):
     _, artifact = exported("padim", "ens9")
     damaged = Path(shutil.copytree(artifact, tmp_path / "damaged"))
@@ -230,6 +229,7 @@ def test_a_modified_graph_or_a_newer_manifest_is_refused_in_one_line(exported, d
         assert_one_line(proc.returncode, proc.stderr, needle, expected_code=code)
 
 
+@pytest.mark.slow
 def test_export_command_line_writes_an_artifact(exported, tmp_path):
     run_dir, _ = exported("padim", "sm256")
     proc = subprocess.run([sys.executable, "-m", "tiled_hydra.export", f"run_dir={run_dir}", f"output={tmp_path / 'a'}"],
