@@ -7,7 +7,9 @@ that need a finished run share it, and copy it before they change anything in it
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import logging
 import os
 import shutil
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from tests.helpers import CONF_DIR, TINY, TINY64, choices, write_mvtec  # noqa: E402,F401 (CONF_DIR, choices: for modules that import them from here)
+from tests.helpers import CONF_DIR, TINY, TINY64, write_mvtec  # noqa: E402 (CONF_DIR: also imported from here)
 
 # Tiny tensors on two cores shared with other jobs: one OpenMP thread is faster (two stall each other
 # at every barrier) and makes trainable models deterministic, so in-process and subprocess runs agree.
@@ -41,7 +43,7 @@ QUICK = {
     # one U-Net pass per tile (start = skip), the narrowest U-Net
     "ddad": ["model.max_steps=2", "model.net.da_steps=1", "model.net.start=25", "model.net.skip=25",
              "model.net.sizes.small.width=8", "model.net.layers_per_block=1"],
-    "efficient_ad": ["model.batch_size=4", "model.max_steps=2", "model.net.distill.steps=3",
+    "efficient_ad": ["model.batch_size=4", "model.max_steps=2", "model.penalty=false", "model.net.distill.steps=3",
                      "model.net.distill.batch_size=2", "model.net.distill.crop_size=64",
                      "model.net.distill.stats_batches=1"],
 }
@@ -184,47 +186,55 @@ class Called:
     err: str
 
 
-@pytest.fixture
-def call(capsys, monkeypatch):
-    """call(entry, args) -> Called(code, out, err): a command's entry function run in this process
-    (``tiled_hydra.cli.train.cli``, ``...predict.main``, ...), its exit code and its output.
+def invoke(entry, args: list) -> Called:
+    """A command's entry function run in this process (``tiled_hydra.cli.train.cli``, ``...predict.main``,
+    ...): its exit code and what it wrote to stdout and stderr.
 
-    Hydra configures the root logger for a job (console and RUN_DIR/tiled_hydra.log); the loggers
-    are put back as they were afterwards, so a later test's output is not sent to a closed stream."""
-
-    def run(entry, args: list) -> Called:
-        monkeypatch.setattr(sys, "argv", [sys.argv[0]])
-        monkeypatch.setenv("HYDRA_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
-        loggers = [logging.getLogger(), logging.getLogger("tiled_hydra")]
-        saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-        capsys.readouterr()
-        freeze_garbage_collector()
-        code = 0
-        try:
+    Hydra configures the root logger for a job (console and RUN_DIR/tiled_hydra.log); the loggers,
+    sys.argv and HYDRA_FULL_ERROR are put back as they were afterwards, so a later test's output is
+    not sent to a closed stream."""
+    loggers = [logging.getLogger(), logging.getLogger("tiled_hydra")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    argv, full_error = sys.argv[:], os.environ.get("HYDRA_FULL_ERROR")
+    out, err = io.StringIO(), io.StringIO()
+    freeze_garbage_collector()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             returned = entry([str(a) for a in args])
-            code = returned if isinstance(returned, int) else 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            for lg, handlers, level, propagate in saved:
-                for handler in lg.handlers:
-                    if handler not in handlers:
-                        handler.close()
-                lg.handlers[:] = handlers
-                lg.setLevel(level)
-                lg.propagate = propagate
-        out, err = capsys.readouterr()
-        return Called(code, out, err)
+        code = returned if isinstance(returned, int) else 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        for lg, handlers, level, propagate in saved:
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        sys.argv[:] = argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    return Called(code, out.getvalue(), err.getvalue())
 
-    return run
 
-
-@pytest.fixture
-def main_cli(call):
-    """main_cli(args, run_dir=None) -> Called: ``python -m tiled_hydra args hydra.run.dir=run_dir``, in process."""
+def main_command(args: list, run_dir: Path | None = None) -> Called:
+    """``python -m tiled_hydra args hydra.run.dir=run_dir``, in this process."""
     from tiled_hydra.cli.train import cli
 
-    def run(args: list, run_dir: Path | None = None) -> Called:
-        return call(cli, [*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])])
+    return invoke(cli, [*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])])
 
-    return run
+
+@pytest.fixture
+def call():
+    """call(entry, args) -> Called(code, out, err): see :func:`invoke`."""
+    return invoke
+
+
+@pytest.fixture
+def main_cli():
+    """main_cli(args, run_dir=None) -> Called: see :func:`main_command`."""
+    return main_command

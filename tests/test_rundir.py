@@ -112,8 +112,8 @@ def test_lock_kill_and_resume(main_cli, trained_run, tiny, tmp_path):
     done = sorted((run_dir / "checkpoints").glob("slot_*.json"))
     assert 1 <= len(done) < 4 and not (run_dir / "results.json").exists()
 
-    resumed = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = main_cli(args, run_dir)  # the same command again, in this process
+    assert resumed.code == 0, resumed.err[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "checkpoints").glob("slot_*.json"))]
     assert len(records) == 4 and results["resumed_slots"] == len(done)
@@ -133,8 +133,8 @@ def test_lock_kill_and_resume(main_cli, trained_run, tiny, tmp_path):
     for key in ACCURACY:
         assert results[key] == pytest.approx(reference[key], abs=1e-6), key
     # Progress: the run dir is the first thing said; bars over slots and steps, with the loss.
-    assert f"run dir: {run_dir}" in resumed.stdout.splitlines()[0]
-    assert "slots:" in resumed.stdout and "slot_003" in resumed.stdout and "train_loss" in resumed.stdout
+    assert f"run dir: {run_dir}" in resumed.out.splitlines()[0]
+    assert "slots:" in resumed.out and "slot_003" in resumed.out and "train_loss" in resumed.out
     # W&B: per-slot curves (the killed process' slots too), costs and results.
     runs = sorted(run_dir.glob("wandb/offline-run-*"))
     record = read_offline_run(runs[-1])

@@ -3,7 +3,6 @@ quadratics, a real tiny study through Hydra composition, and compare picking it 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

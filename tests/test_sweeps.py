@@ -6,16 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.helpers import CONF_DIR, REPO, choices, ok, python_m
+from tests.helpers import CONF_DIR, choices
 from tiled_hydra.core.tiling import TileGrid
 
 SWEEPS = [s for s in choices("sweep") if not s.startswith("_")]
@@ -144,18 +141,22 @@ def tiny_smoke(data_root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path]:
-    """Four jobs through Hydra's joblib launcher, two processes at a time (a real process boundary)."""
+def tiny_sweep(tmp_path_factory):
+    """Four jobs through Hydra's joblib launcher, two worker processes at a time (a real process boundary;
+    the sweep itself is started in this process, as the shell would, and its output captured)."""
+    from tests.conftest import main_command
+
     root = tmp_path_factory.mktemp("sweep")
-    proc = ok(python_m("tiled_hydra", ["-m", "hydra/launcher=local_parallel", *tiny_smoke(root / "data"),
-                                       f"hydra.sweep.dir={root / 'multirun'}"]))
-    return root / "multirun", proc, root / "data"
+    ran = main_command(["-m", "hydra/launcher=local_parallel", *tiny_smoke(root / "data"),
+                        f"hydra.sweep.dir={root / 'multirun'}"])
+    assert ran.code == 0, ran.err[-3000:]
+    return root / "multirun", ran, root / "data"
 
 
 @pytest.mark.slow
 def test_joblib_sweep_runs_two_jobs_in_parallel(tiny_sweep):
-    sweep_dir, proc, _ = tiny_sweep
-    log = proc.stdout + proc.stderr
+    sweep_dir, ran, _ = tiny_sweep
+    log = ran.out + ran.err
     assert "Joblib.Parallel(n_jobs=2" in log and "launching 4 jobs" in log
     jobs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     assert len(jobs) == 4
@@ -206,7 +207,8 @@ def test_compare_reads_the_same_sweep_from_wandb_offline_runs(call, tiny_sweep, 
     offline = sorted(str(p) for p in sweep_dir.glob("*/wandb/offline-run-*"))
     assert len(offline) == 4
     runs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
-    ran = compare_cli(call, f"sources=[{','.join(offline)}]", f"out={tmp_path / 'from_dirs'}")
+    # job directory names hold '=' and ',': quoted, as on the command line
+    ran = compare_cli(call, "sources=[" + ",".join(f"'{path}'" for path in offline) + "]", f"out={tmp_path / 'from_dirs'}")
     check_compare_output(tmp_path / "from_dirs", ran.out, runs)
     # The same tables as from results.json.
     compare_cli(call, f"sources={sweep_dir}", f"out={tmp_path / 'reference'}")
