@@ -66,11 +66,12 @@ def test_parameter_counts_match_the_reference():
     assert n_params(AutoEncoder((256, 256))) == pytest.approx(1.1, abs=0.05)
 
 
-@pytest.mark.parametrize("tile", [(64, 64), (100, 100), (256, 256), (512, 512), (64, 96), (200, 72)])
+# (384, 320): above 256 px, where the latent grows instead of the kernel shrinking (less than half of 512 x 512's work)
+@pytest.mark.parametrize("tile", [(64, 64), (100, 100), (256, 256), (384, 320), (64, 96), (200, 72)])
 def test_maps_have_the_tile_shape_for_any_tile(tile):
     torch.manual_seed(0)
     model = EfficientAdModel("small", tile).eval()
-    tiles = torch.rand(2 if max(tile) < 512 else 1, 3, *tile)
+    tiles = torch.rand(2 if max(tile) <= 256 else 1, 3, *tile)
     with torch.no_grad():
         map_st, map_ae = model.raw_maps(model.prepare(tiles))
         anomaly_map, score = model(tiles)
