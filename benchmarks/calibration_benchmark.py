@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "calibration")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (after --)")
     args = parser.parse_args()
-    print("| dataset | model | calibration | window | image AUROC | pixel AUROC | pixel AUPRO | block contrast |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("| dataset | model | calibration | window | image AUROC | pixel AUROC | pixel AUPRO | block contrast | off-seam control |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for dataset in args.datasets:
         for model in args.models:
             cell = args.out / dataset.replace(":", "_") / f"{model}_{args.setup}"
@@ -65,10 +65,11 @@ def main() -> None:
                 r = trained if (calibration, window) == ("none", "flat") else run(
                     [*base, f"merge.calibration={calibration}", f"merge.window={window}", "ensemble.stage=evaluate",
                      f"ensemble.checkpoint_dir={cell / 'none_flat' / 'checkpoints'}"], cell / f"{calibration}_{window}")
-                contrast = r.get("block_contrast")
+                contrast, control = r.get("block_contrast"), r.get("block_contrast_off_seam")
                 print(f"| {dataset} | {model} | {calibration} | {window} | {r['image_AUROC']:.3f} | "
                       f"{r.get('pixel_AUROC', float('nan')):.3f} | {r.get('pixel_AUPRO', float('nan')):.3f} | "
-                      f"{'n/a' if contrast is None else f'{contrast:.3f}'} |", flush=True)
+                      f"{'n/a' if contrast is None else f'{contrast:.3f}'} | {'n/a' if control is None else f'{control:.3f}'} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

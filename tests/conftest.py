@@ -49,12 +49,13 @@ QUICK = {
 }
 # What one cached run of a pair adds, so that every stage is exercised somewhere without a second
 # training: the one run without a validation split (thresholds cross-fitted on the test images),
-# the one with the speed protocol, the one with overlays, the one with whole-image features.
+# the one with the speed protocol, the one with overlays, the one with whole-image features, the one with calibrated slots.
 PAIR_EXTRA = {
     ("padim", "sm256"): ["data=mvtec"],
     ("padim", "st9"): ["speed.enabled=true"],
     ("padim", "sm512"): ["report.overlays=2"],
     ("patchcore", "ens9"): ["inference.features=whole_image"],  # tiles cut from whole-image features, trained so too
+    ("padim", "ens4"): ["merge.calibration=slot"],  # the run predict is compared with: slots on one scale
 }
 SYNTHETIC = ["dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6"]
 

@@ -292,7 +292,7 @@ def test_synthetic_layout_masks_and_small_defects(tmp_path):
 @pytest.mark.parametrize("small", [True, False])
 def test_synthetic_defects_are_visible_and_of_their_size_class(kind, small):
     rng = np.random.default_rng(7)
-    image = synthetic.normal_view(synthetic.periodic_texture("gravel"), 512, rng)
+    image = views.normal_view(views.periodic_texture("gravel"), 512, rng)
     out, mask = synthetic.add_defect(image, kind, small, rng)
     assert (mask.mean() < synthetic.SMALL_AREA) == small
     assert np.abs(out - image)[mask].mean() >= synthetic.MIN_CONTRAST

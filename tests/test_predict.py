@@ -141,4 +141,4 @@ def test_help_prints_the_option_reference(call):
 
 def test_required_options_are_named(call):
     ran = call(main, ["input=x"])
-    assert_one_line(ran.code, ran.err, "run_dir=... required", expected_code=2)
+    assert_one_line(ran.code, ran.err, "run_dir=... is required", expected_code=2)

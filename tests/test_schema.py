@@ -10,7 +10,7 @@ import pytest
 from tiled_hydra.metrics import schema
 
 VALID = {  # one valid value per kind
-    "fraction": 0.75, "seconds": 1.5, "bytes": 1024, "count": 3, "rate": 2.5, "ratio": 0.0, "ms": 12.0, "text": "padim",
+    "fraction": 0.75, "seconds": 1.5, "bytes": 1024, "count": 3, "rate": 2.5, "ratio": 0.0, "difference": -0.01, "ms": 12.0, "text": "padim",
     "fraction_by_size": {"<0.01%": 0.5, ">=1%": math.nan}, "count_by_size": {"<0.01%": 2, ">=1%": 0},
     "fraction_by_fpr_and_size": {"0.01": {"<0.01%": 0.5, ">=1%": math.nan}},
 }

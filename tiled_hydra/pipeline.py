@@ -267,7 +267,7 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
         "merge_window": run.merge.window,
         "calibration_fitted_on": "validation normal images" if data.val is not None and bool((data.val.labels == 0).any())
         else "training images",
-        "block_contrast": block_contrast(test_maps[test.labels == 0], run.grid),
+        **dict(zip(("block_contrast", "block_contrast_off_seam"), block_contrast(test_maps[test.labels == 0], run.grid))),
         "num_models": len(run.store),
         "setup": str(cfg.setup.name),
         "model": str(cfg.model.name),

@@ -28,6 +28,7 @@ KINDS = {
     "count": "an integer >= 0",
     "rate": "a number > 0",
     "ratio": "a number >= 0",
+    "difference": "a real number (0: no difference; slightly negative within noise)",
     "ms": "milliseconds > 0",
     "text": "a string",
     "fraction_by_size": "{size bin: fraction or NaN}",
@@ -68,9 +69,12 @@ FIELDS = [
           label="slot calibration"),
     Field("merge_window", "text", "weights of overlapping tile maps: flat (mean) | hann | cosine", label="overlap window"),
     Field("calibration_fitted_on", "text", "the normal images the slots' calibration statistics come from"),
-    Field("block_contrast", "ratio", "tile artefacts of the merged maps on normal test images: mean step of the "
-          "map level across tile seams / the map's spread on normal pixels (metrics/seams.py); null for a "
-          "single tile", False, "block contrast (normal images)"),
+    Field("block_contrast", "difference", "tile artefacts of the merged maps on normal test images: how much more "
+          "the map steps across tile seams than across lines midway between them (narrow bands on each side), "
+          "/ the map's spread on normal pixels (metrics/seams.py); null for a single tile", False,
+          "block contrast (normal images)"),
+    Field("block_contrast_off_seam", "ratio", "the control of block_contrast: the step across lines midway between "
+          "seams / the same spread; null for a single tile", False, "map step off seams (control)"),
     Field("inference_mode", "text", "sequential (one slot resident) | resident (all slots resident)"),
     Field("inference_features", "text", "per_tile | whole_image backbone features"),
     Field("fingerprint", "text", "hash of every setting that changes a result"),
@@ -116,6 +120,8 @@ def _valid(kind: str, value) -> bool:
         return number and value > 0
     if kind == "ratio":
         return number and value >= 0
+    if kind == "difference":
+        return number and math.isfinite(value)
     if kind == "text":
         return isinstance(value, (str, int))  # pixel_thresholds: "all" or a count
     if kind == "fraction_by_size":
