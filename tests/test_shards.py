@@ -5,7 +5,6 @@ the sequential one (the cached run of the same configuration)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ENV, REPO, assert_one_line, ok, python_m, wait_for
+from tests.helpers import ENV, REPO, assert_one_line, wait_for
 from tiled_hydra.config import validate
 from tiled_hydra.errors import ConfigError
 from tiled_hydra.slots.store import SlotLock, busy_seconds, shard_slots, training_summary
@@ -203,17 +202,6 @@ def test_slurm_shards_render_one_gpu_per_shard(compose_cfg, tmp_path, monkeypatc
     for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=gpu"):
         assert line in script, line
     assert shard_slots(9, int(cfg.ensemble.shard), int(cfg.ensemble.num_shards)) == [4]  # one slot per GPU
-
-
-@pytest.mark.cluster  # starts a Ray runtime; Ray shards on two nodes: tests/test_cluster.py
-def test_ray_runs_two_shards_locally(tiny, tmp_path):
-    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
-        pytest.skip("hydra-ray-launcher not installed (pip install -e '.[ray]'): the Ray form is not exercised here")
-    shared = tmp_path / "slots"
-    ok(python_m("tiled_hydra", ["-m", "hydra/launcher=ray", *tiny.canonical("ens4"), "ensemble.num_shards=2",
-                                "ensemble.shard=range(2)", f"ensemble.checkpoint_dir={shared}",
-                                f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
-    assert sorted(records(shared)) == [0, 1, 2, 3]
 
 
 def test_a_slot_being_trained_elsewhere_is_waited_for(tmp_path, caplog):

@@ -83,8 +83,8 @@ LAUNCHERS = {
     # name: (plugin module, extra to install, checks)
     "local_parallel": ("hydra_plugins.hydra_joblib_launcher", None, {"n_jobs": 2}),
     "slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "slurm", {"gpus_per_node": 1, "tasks_per_node": 1, "timeout_min": 240}),
-    "ray_cluster": ("hydra_plugins.hydra_ray_launcher", "ray", {"ray.remote.num_gpus": 1, "ray.init.address": "auto"}),
-    "ray": ("hydra_plugins.hydra_ray_launcher", "ray", {}),
+    # tiled_hydra's own Ray launcher: it imports Ray only when it launches
+    "ray_cluster": ("hydra_plugins.tiled_hydra_ray", None, {"remote.num_gpus": 1, "address": "auto", "remote.max_calls": 1}),
 }
 
 
