@@ -17,17 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
-from PIL import Image
 
 from tiled_hydra.cli.common import run_command
-from tiled_hydra.core.postprocess import POSTPROCESS_FILE, Postprocessor, load_postprocessor
-from tiled_hydra.data.images import IMAGE_SUFFIXES, read_image, resize_image
 from tiled_hydra.errors import ConfigError, DataError
-from tiled_hydra.reporting.maps import at_size, write_map
-from tiled_hydra.reporting.results import write_column_notes
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from tiled_hydra.core.postprocess import Postprocessor
 
 log = logging.getLogger("tiled_hydra")
 PROG = "tiled_hydra.predict"
@@ -64,6 +65,8 @@ def writable_output(out: Path, run_dir: Path) -> None:
 
 def list_inputs(pattern: str) -> tuple[list[Path], Path]:
     """Files to score (sorted) and the folder their output names are relative to."""
+    from tiled_hydra.data.images import IMAGE_SUFFIXES
+
     path = Path(pattern).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
@@ -84,7 +87,9 @@ def output_name(path: Path, base: Path) -> str:
 def write_outputs(out: Path, name: str, image: Image.Image, raw_map: torch.Tensor, score: float, post: Postprocessor,
                   maps_format: str, source: str = "") -> dict:
     """Map and overlay (of the image file ``source``) at the image's own size; the row's per-pixel figures."""
-    # imported here: matplotlib takes ~1 s to load, which --help and the option checks do not need
+    import numpy as np
+
+    from tiled_hydra.reporting.maps import at_size, write_map
     from tiled_hydra.reporting.overlays import draw_overlay, explain, short_path, verdict_of
 
     own = at_size(raw_map, (image.height, image.width))
@@ -101,6 +106,14 @@ def predict(args: DictConfig) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if not (run_dir / ".hydra" / "config.yaml").is_file():
         raise DataError(f"run_dir={run_dir} is not a run directory (no .hydra/config.yaml)")
+    # imported after the option checks: torch and matplotlib take seconds to load, which --help and a
+    # mistyped option do not need
+    import torch
+
+    from tiled_hydra.core.postprocess import POSTPROCESS_FILE, load_postprocessor
+    from tiled_hydra.data.images import read_image, resize_image
+    from tiled_hydra.reporting.results import write_column_notes
+
     out = Path(args.output).expanduser() if args.output else Path("predictions") / run_dir.resolve().name
     files, base = list_inputs(str(args.input))
     writable_output(out, run_dir)
