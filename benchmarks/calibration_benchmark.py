@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = [(c, w) for c in ("none", "slot", "slot_position") for w in ("flat", "hann")]
 
 
 def dataset_overrides(name: str) -> list[str]:
@@ -48,6 +47,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["padim", "patchcore"])
     parser.add_argument("--datasets", nargs="+", default=["default", "hard:coffee", "hard:brick"])
     parser.add_argument("--setup", default="ens9")
+    parser.add_argument("--calibrations", nargs="+", default=["none", "slot", "slot_position"])
+    parser.add_argument("--windows", nargs="+", default=["flat", "hann"])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "calibration")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (after --)")
     args = parser.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
             trained = run(base, cell / "none_flat")  # trains the slots (merge settings do not change them)
             print(f"<!-- {dataset} {model}: trained in {trained['train_seconds']:.0f} s "
                   f"(wall {time.perf_counter() - started:.0f} s) -->", flush=True)
-            for calibration, window in VARIANTS:
+            for calibration, window in [(c, w) for c in args.calibrations for w in args.windows]:
                 r = trained if (calibration, window) == ("none", "flat") else run(
                     [*base, f"merge.calibration={calibration}", f"merge.window={window}", "ensemble.stage=evaluate",
                      f"ensemble.checkpoint_dir={cell / 'none_flat' / 'checkpoints'}"], cell / f"{calibration}_{window}")

@@ -105,3 +105,11 @@ def test_the_printed_table_shows_every_labelled_key(trained_run, capsys, monkeyp
         if field.label is not None and field.key in results:
             assert field.label in out, field.key
     assert "a note below the table" in out
+
+
+def test_every_numeric_kind_prints_short_in_the_results_table():
+    from tiled_hydra.reporting.results import format_value
+
+    for kind, example in VALID.items():
+        if isinstance(example, float):  # a printed float of full precision (0.030635017825212774) is noise
+            assert len(format_value(kind, example + 1e-9)) <= 10, kind

@@ -102,7 +102,7 @@ def format_value(kind: str, value) -> str:
         return f"{value:.1f}"
     if kind in ("rate", "ms"):
         return f"{value:.2f}"
-    if kind == "ratio":
+    if kind in ("ratio", "difference"):
         return f"{value:.3f}"
     return str(value)
 
