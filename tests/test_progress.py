@@ -7,6 +7,8 @@ import os
 import pty
 import sys
 
+import pytest
+
 from tiled_hydra.core.progress import show_progress
 
 
@@ -27,3 +29,34 @@ def test_auto_draws_bars_on_a_terminal_and_not_into_a_pipe(monkeypatch):
         assert show_progress(True) and not show_progress(False)
     monkeypatch.setattr(sys, "__stdout__", None)  # no stdout at all (a daemon)
     assert not show_progress("auto")
+
+
+@pytest.mark.parametrize("mode", ["auto", "true", "false"])
+def test_the_command_on_a_terminal_shows_bars_unless_asked_not_to(mode, main_cli, tiny, tmp_path, monkeypatch):
+    """The whole command (ENS4: four slots, then prediction with the four) with its stdout on a
+    pseudo-terminal: progress=auto and true draw the slot and prediction bars, false none; the
+    stage log lines come in every mode."""
+    master, replica = pty.openpty()
+    with os.fdopen(master, "rb") as _, os.fdopen(replica, "w") as terminal:
+        monkeypatch.setattr(sys, "__stdout__", terminal)
+        overrides = [o for o in tiny("ens4") if not o.startswith("progress=")]
+        ran = main_cli([*overrides, f"progress={mode}"], tmp_path / "run")
+    assert ran.code == 0, ran.err[-2000:]
+    bars = ("slots: ", "predict: ")
+    if mode == "false":
+        assert not any(bar in ran.out + ran.err for bar in bars)
+    else:
+        for bar in bars:
+            assert bar in ran.out + ran.err, bar
+    assert "train done in" in ran.out + ran.err and "predict done in" in ran.out + ran.err
+
+
+def test_the_command_into_a_pipe_writes_log_lines_and_no_bars(main_cli, tiny, tmp_path, monkeypatch):
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as pipe:
+        monkeypatch.setattr(sys, "__stdout__", pipe)
+        ran = main_cli(tiny("ens4"), tmp_path / "run")
+    assert ran.code == 0, ran.err[-2000:]
+    assert "slots: " not in ran.out + ran.err and "predict: " not in ran.out + ran.err
+    assert "slot_003 trained in" in ran.out + ran.err  # one line per slot instead
