@@ -71,6 +71,9 @@ COMMON = [
     (["metrics.region_overlap=0"], "metrics.region_overlap"),
     (["metrics.resolution=-1"], "metrics.resolution"),
     (["report.overlays=-1"], "report.overlays"),
+    (["report.maps=tiff"], "report.maps"),
+    (["metrics.region_fprs=[0.5,2]"], "metrics.region_fprs"),
+    (["metrics.region_fprs=[]"], "metrics.region_fprs"),
     (["speed.warmup=-1"], "speed.warmup"),
     (["speed.repeats=0"], "speed.repeats"),
     (["speed.batch_size=0"], "speed.batch_size"),
@@ -240,13 +243,15 @@ def test_trainer_lists_equal_lightnings():
 
 
 def test_choices_listed_for_the_check_equal_the_codes():
-    from tiled_hydra.config import INFERENCE_FEATURES, INFERENCE_MODES, MERGE_CALIBRATIONS, MERGE_WINDOWS
+    from tiled_hydra.config import INFERENCE_FEATURES, INFERENCE_MODES, MERGE_CALIBRATIONS, MERGE_WINDOWS, REPORT_MAPS
     from tiled_hydra.core.calibration import CALIBRATIONS, WINDOWS
     from tiled_hydra.core.features import FEATURES
     from tiled_hydra.inference.engine import MODES
+    from tiled_hydra.reporting.maps import MAP_FORMATS
 
     assert INFERENCE_MODES == tuple(MODES) and INFERENCE_FEATURES == tuple(FEATURES)
     assert MERGE_CALIBRATIONS == tuple(CALIBRATIONS) and MERGE_WINDOWS == tuple(WINDOWS)
+    assert REPORT_MAPS == tuple(MAP_FORMATS)
 
 
 # -- the process boundary: the one test that starts a process ---------------------------------------------------------

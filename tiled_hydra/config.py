@@ -71,6 +71,7 @@ INFERENCE_FEATURES = ("per_tile", "whole_image")  # tiled_hydra.core.features.FE
 METRIC_RESOLUTIONS = ("auto", "native", "setup")
 MERGE_CALIBRATIONS = ("none", "slot", "slot_position")  # tiled_hydra.core.calibration.CALIBRATIONS
 MERGE_WINDOWS = ("flat", "hann", "cosine")  # tiled_hydra.core.calibration.WINDOWS
+REPORT_MAPS = ("png", "npy")  # tiled_hydra.reporting.maps.MAP_FORMATS (or false)
 
 
 def group_options(group: str) -> list[str]:
@@ -523,6 +524,12 @@ def check_metrics(cfg: DictConfig) -> None:
     if not values or not all(_is_number(v) and 0 < v < 1 for v in values) or values != sorted(set(values)):
         raise ConfigError(f"metrics.region_size_bins={_show(bins)}: expected increasing shares of the image in (0, 1), "
                           "e.g. [0.0001, 0.001, 0.01]")
+    fprs = _get(cfg, "metrics.region_fprs")
+    if fprs is not None:
+        values = list(fprs) if isinstance(fprs, ListConfig) else None
+        if not values or not all(_is_number(v) and 0 < v < 1 for v in values):
+            raise ConfigError(f"metrics.region_fprs={_show(fprs)}: expected pixel false-positive rates in (0, 1), "
+                              "e.g. [0.01, 0.05]")
 
 
 def check_inference(cfg: DictConfig) -> None:
@@ -719,6 +726,9 @@ def validate(cfg: DictConfig) -> None:
     check_number(cfg, "merge.seam_smoothing.width_fraction", 0.0, 0.5)
     check_metrics(cfg)
     check_int(cfg, "report.overlays", 0)
+    maps = _get(cfg, "report.maps")
+    if maps is not None and maps is not False and maps not in REPORT_MAPS:
+        raise ConfigError(f"report.maps={_show(maps)}: expected one of png, npy, false")
     check_bool(cfg, "speed.enabled")
     check_int(cfg, "speed.warmup", 0)
     check_int(cfg, "speed.repeats", 1)
