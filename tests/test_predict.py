@@ -107,6 +107,7 @@ def test_non_square_and_grayscale_images_get_maps_at_their_own_size(call, traine
     (None, ["run_dir=NOPE"], "is not a run directory", 1),
     (None, ["input=NONE/*.png"], "no image files found", 1),
     (None, ["output=RUN/preds"], "inside the run dir", 2),
+    (None, ["output=FILE/preds"], "is not writable", 2),  # under a regular file (root may write anywhere else)
     (None, ["colour=red"], "colour", 2),
     (None, ["maps=tiff"], "maps=tiff", 2),
     (None, ["batch_size=0"], "batch_size=0", 2),
@@ -114,6 +115,7 @@ def test_non_square_and_grayscale_images_get_maps_at_their_own_size(call, traine
 def test_unfinished_or_foreign_run_dirs_and_bad_options_are_one_line_errors(call, trained, tmp_path, breakage, args,
                                                                             message, code):
     run_dir, cat = trained
+    (tmp_path / "a_file").write_text("")
     if breakage:
         run_dir = shutil.copytree(run_dir, tmp_path / breakage)
         if breakage == "unfinished":
@@ -126,7 +128,7 @@ def test_unfinished_or_foreign_run_dirs_and_bad_options_are_one_line_errors(call
     for arg in args:
         key, value = arg.split("=", 1)
         given[key] = value.replace("NOPE", str(tmp_path / "nope")).replace("NONE", str(tmp_path / "none")).replace(
-            "RUN", str(run_dir))
+            "RUN", str(run_dir)).replace("FILE", str(tmp_path / "a_file"))
     ran = call(main, [f"{k}={v}" for k, v in given.items()])
     assert_one_line(ran.code, ran.err, message, expected_code=code)
     assert ran.err.startswith("tiled_hydra.predict: error:")
