@@ -4,7 +4,7 @@ both on this machine (tools/cluster/), a lost Ray node and a preempted SLURM job
 The tests marked ``cluster`` start daemons and train for minutes, so the default ``pytest`` run
 leaves them out (``-m "not cluster"`` in pyproject); they run with
 
-    bash tools/cluster/install.sh && python -m pytest -m cluster tests/test_cluster.py
+    bash tools/cluster/install.sh && python -m pytest -n 0 -m cluster tests/test_cluster.py
 
 and skip when Ray or SLURM is not installed. Every sharded run is evaluated once and compared
 with a sequential run of the same configuration: PaDiM's slots are statistics of the same

@@ -2,7 +2,7 @@
 # What tests/test_cluster.py (pytest -m cluster) and the local clusters of docs/cluster-ray.md and
 # docs/cluster-slurm.md need: the package with its ray and slurm extras, and SLURM with munge
 # from the distribution (Debian/Ubuntu, as root; no systemd needed: slurm_up.sh starts the daemons).
-#   bash tools/cluster/install.sh && python -m pytest -m cluster tests/test_cluster.py
+#   bash tools/cluster/install.sh && python -m pytest -n 0 -m cluster tests/test_cluster.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 pip install -q -e ".[dev,ray,slurm]"
