@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.test_sweeps import sbatch_script
 from tiled_hydra.slots.cluster import node_name, visible_devices, worker_devices, worker_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -368,33 +369,12 @@ def test_the_node_of_a_slot_comes_from_the_launcher_or_slurm():
     assert node_name({}) is None
 
 
-def sbatch_text(cfg, tmp_path, monkeypatch) -> str:
-    """The sbatch file hydra_submitit_launcher would submit for ``cfg``."""
-    submitit = pytest.importorskip("submitit", reason="pip install -e '.[slurm]'")
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
-
-    if shutil.which("srun") is None:  # submitit builds a SLURM executor only where srun exists
-        fake = tmp_path / "bin" / "srun"
-        fake.parent.mkdir(exist_ok=True)
-        fake.write_text("#!/bin/sh\nexit 1\n")
-        fake.chmod(0o755)
-        monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    params.pop("_target_")
-    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    return executor._executor._make_submission_file_text("python -m tiled_hydra", "uid")
-
-
 def test_a_four_gpu_node_job_renders_gpus_and_gres(compose_cfg, tmp_path, monkeypatch):
     # One job with a node's 4 GPUs: ensemble.workers=4 puts one local worker on each (worker_env above).
     cfg = compose_cfg(["+setup=ens9", "model=fastflow", "ensemble.workers=4", "hydra/launcher=slurm_gpu",
                        "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.gres=gpu:4",
                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
-    script = sbatch_text(cfg, tmp_path, monkeypatch)
+    script = sbatch_script(cfg, tmp_path, monkeypatch)
     for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "#SBATCH --ntasks-per-node=1"):
         assert line in script, line
 
@@ -402,7 +382,7 @@ def test_a_four_gpu_node_job_renders_gpus_and_gres(compose_cfg, tmp_path, monkey
 def test_the_cpu_slurm_config_asks_for_no_gpu(compose_cfg, tmp_path, monkeypatch):
     cfg = compose_cfg(["+setup=ens4", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug",
                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
-    script = sbatch_text(cfg, tmp_path, monkeypatch)
+    script = sbatch_script(cfg, tmp_path, monkeypatch)
     assert "#SBATCH --cpus-per-task=4" in script and "#SBATCH --partition=debug" in script
     assert "gpus" not in script and "gres" not in script
 
