@@ -89,10 +89,12 @@ def test_calibrated_slots_merge_without_blocks(grid):
 
 
 def test_window_weights_are_positive_and_cancel_where_one_tile_covers():
-    for kind in ("hann", "cosine"):
-        window = tile_window((256, 256), kind)
-        assert window.shape == (256, 256) and bool((window > 0).all()) and float(window.max()) <= 1.0
+    for kind in ("hann", "cosine", "tukey"):
+        window = tile_window((256, 384), kind)
+        assert window.shape == (256, 384) and bool((window > 0).all()) and float(window.max()) <= 1.0
         assert torch.equal(window, window.flip(0)) and torch.equal(window, window.flip(1))
+    tukey = tile_window((256, 384), "tukey")  # flat inside; rises over the outer 1/8 (32 and 48 px)
+    assert bool((tukey[32:-32, 48:-48] == 1).all()) and float(tukey[0, 0]) < 0.01 and float(tukey[31, 200]) < 1
     assert tile_window((256, 256), "flat") is None
     # a weighted mean of equal values is that value: tiles that agree merge to what they agree on
     for grid in (ENS4, ENS9):

@@ -249,3 +249,14 @@ def test_openvino_format_equals_the_engine_too(trained_run, tmp_path):
     assert manifest["format"] == "openvino" and manifest["graphs"]["backbone"] == "backbone.xml"
     assert {"backbone.xml", "backbone.bin", "slot_008.xml", "slot_008.bin"} <= set(manifest["files"])
     assert_equal_to_engine(run_dir, tmp_path / "ov")
+
+
+def test_the_runtime_weights_overlaps_with_the_engines_windows():
+    from tiled_hydra.core.calibration import WINDOWS, tile_window
+    from tiled_hydra_runtime.merge import tile_window as runtime_window
+
+    for kind in WINDOWS:
+        ours, theirs = tile_window((96, 160), kind), runtime_window((96, 160), kind)
+        assert (ours is None) == (theirs is None) == (kind == "flat")
+        if ours is not None:
+            np.testing.assert_allclose(theirs, ours.numpy(), rtol=0, atol=1e-7)

@@ -70,7 +70,7 @@ INFERENCE_MODES = ("sequential", "resident")  # tiled_hydra.inference.engine.MOD
 INFERENCE_FEATURES = ("per_tile", "whole_image")  # tiled_hydra.core.features.FEATURES
 METRIC_RESOLUTIONS = ("auto", "native", "setup")
 MERGE_CALIBRATIONS = ("none", "slot", "slot_position")  # tiled_hydra.core.calibration.CALIBRATIONS
-MERGE_WINDOWS = ("flat", "hann", "cosine")  # tiled_hydra.core.calibration.WINDOWS
+MERGE_WINDOWS = ("flat", "hann", "cosine", "tukey")  # tiled_hydra.core.calibration.WINDOWS
 REPORT_MAPS = ("png", "npy")  # tiled_hydra.reporting.maps.MAP_FORMATS (or false)
 
 

@@ -78,7 +78,13 @@ def tile_window(tile_size: tuple[int, int], kind: str) -> np.ndarray | None:
         return None
     axes = []
     for n in tile_size:
-        profile = np.sin(math.pi * (np.arange(n, dtype=np.float64) + 0.5) / n)
+        centres = np.arange(n, dtype=np.float64) + 0.5
+        if kind == "tukey":  # 1 inside, sin^2 rise over 1/8 of the tile from each edge
+            taper = max(1.0, n / 8)
+            edge = np.minimum(np.minimum(centres, n - centres), taper)
+            axes.append(np.sin(math.pi / 2 * edge / taper) ** 2)
+            continue
+        profile = np.sin(math.pi * centres / n)
         axes.append(profile**2 if kind == "hann" else profile)
     return (axes[0][:, None] * axes[1][None, :]).astype(F32)
 
@@ -123,7 +129,7 @@ class MergeRule:
     sigma: float
     width_fraction: float
     calibration: str  # none | slot | slot_position
-    window: str  # flat | hann | cosine
+    window: str  # flat | hann | cosine | tukey
 
 
 class Merger:

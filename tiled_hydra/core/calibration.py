@@ -30,7 +30,9 @@ import torch
 from tiled_hydra.core.filters import gaussian_blur
 
 CALIBRATIONS = ("none", "slot", "slot_position")
-WINDOWS = ("flat", "hann", "cosine")
+WINDOWS = ("flat", "hann", "cosine", "tukey")
+#: Share of the tile length, on each side, over which the ``tukey`` window rises from 0 to 1.
+TUKEY_TAPER = 1 / 8
 #: Calibration tiles a slot needs before its per-position statistics are used (fewer: slot-wide).
 MIN_POSITION_TILES = 8
 #: Smallest spread a statistic may have (a constant map would divide by zero).
@@ -106,12 +108,21 @@ def tile_window(tile_size: tuple[int, int], kind: str) -> torch.Tensor | None:
     """Weights (th, tw) of one tile's map when overlaps are blended; None for the flat mean.
 
     Evaluated at pixel centres, so no weight is 0: ``hann`` = sin^2(pi (i + 1/2) / n) per axis,
-    ``cosine`` = sin(pi (i + 1/2) / n) (flatter in the middle, steeper at the edge than Hann).
+    ``cosine`` = sin(pi (i + 1/2) / n) (flatter in the middle, steeper at the edge than Hann),
+    ``tukey`` = 1 except within ``TUKEY_TAPER`` of the tile's length from its edge, where it rises as
+    sin^2 (the border, where the receptive field saw padding, counts less; the interior of an overlap
+    keeps the plain mean of the paper).
     """
     if kind == "flat":
         return None
     axes = []
     for n in tile_size:
-        profile = torch.sin(math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+        centres = torch.arange(n, dtype=torch.float64) + 0.5
+        if kind == "tukey":
+            taper = max(1.0, n * TUKEY_TAPER)
+            edge = torch.minimum(centres, n - centres).clamp(max=taper)  # distance to the nearer edge
+            axes.append(torch.sin(math.pi / 2 * edge / taper).square())
+            continue
+        profile = torch.sin(math.pi * centres / n)
         axes.append(profile.square() if kind == "hann" else profile)
     return (axes[0][:, None] * axes[1][None, :]).float()

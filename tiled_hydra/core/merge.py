@@ -27,7 +27,7 @@ class MergeSettings:
     sigma: float = 2.0
     width_fraction: float = 0.1
     calibration: str = "none"  # none | slot | slot_position (core/calibration.py)
-    window: str = "flat"  # flat (the paper's pixel-wise mean) | hann | cosine
+    window: str = "flat"  # flat (the paper's pixel-wise mean) | hann | cosine | tukey
 
 
 def merge_scores(tile_scores: torch.Tensor, score: str = "mean") -> torch.Tensor:

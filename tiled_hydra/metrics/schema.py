@@ -67,7 +67,7 @@ FIELDS = [
     Field("merge_score", "text", "image score from tile scores: mean (paper 000 Eq. 5) | max", label="image score of tiles"),
     Field("merge_calibration", "text", "slot outputs put on one scale before merging: none | slot | slot_position",
           label="slot calibration"),
-    Field("merge_window", "text", "weights of overlapping tile maps: flat (mean) | hann | cosine", label="overlap window"),
+    Field("merge_window", "text", "weights of overlapping tile maps: flat (mean) | hann | cosine | tukey", label="overlap window"),
     Field("calibration_fitted_on", "text", "the normal images the slots' calibration statistics come from"),
     Field("block_contrast", "difference", "tile artefacts of the merged maps on normal test images: how much more "
           "the map steps across tile seams than across lines midway between them (narrow bands on each side), "
