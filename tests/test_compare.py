@@ -253,7 +253,7 @@ def cmp_figures_stats(path: Path) -> dict:
     return load_datastats(path)
 
 
-# -- runs that differ in other settings (issue 13 item 5) ------------------------------------------------
+# -- runs that differ in other settings ------------------------------------------------------------------
 def variant_config(n_features: int, score: str = "mean") -> dict:
     return {**setup_config("sm256"), "model": {"name": "padim", "net": {"n_features": n_features}}, "merge": {"score": score},
             "logger": {"mode": "offline"}}

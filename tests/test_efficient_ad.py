@@ -45,7 +45,7 @@ def n_params(module: torch.nn.Module) -> float:
 
 # -- sizes -----------------------------------------------------------------------------------------
 def test_reference_sizes_at_256_px():
-    # REFERENCE.md: a 256 px input gives a 56x56 PDN map; the reference's hard-coded decoder sizes
+    # EfficientAD's reference implementation: a 256 px input gives a 56x56 PDN map; its hard-coded decoder sizes
     # are 3, 8, 15, 32, 63, 127; the 8x8 latent convolution leaves a 1x1 latent.
     assert pdn_output_size(256) == 56
     assert decoder_sizes(256) == [3, 8, 15, 32, 63, 127]
