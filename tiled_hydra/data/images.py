@@ -153,13 +153,16 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
             )
         return (image.height, image.width), resized, resize_mask(mask, (height, width))
 
+    from tiled_hydra.core.progress import on_terminal  # a bar on a terminal only, as every bar of a run
+
     native_sizes = []
     # PIL releases the GIL while it decodes and resizes: a few threads read in parallel; results
     # (and the first error) come back in the samples' order
     with ThreadPoolExecutor(READ_THREADS) as pool:
         loaded = pool.map(load, samples)
         for i, (native, image, mask) in enumerate(tqdm(loaded, total=len(samples), desc=f"{dataset}: {what}",
-                                                       unit="img", leave=False, disable=len(samples) <= PROGRESS_MIN_FILES)):
+                                                       unit="img", leave=False,
+                                                       disable=len(samples) <= PROGRESS_MIN_FILES or not on_terminal())):
             native_sizes.append(native)
             images[i] = torch.from_numpy(image)
             if mask is not None:
