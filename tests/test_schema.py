@@ -113,3 +113,10 @@ def test_every_numeric_kind_prints_short_in_the_results_table():
     for kind, example in VALID.items():
         if isinstance(example, float):  # a printed float of full precision (0.030635017825212774) is noise
             assert len(format_value(kind, example + 1e-9)) <= 10, kind
+
+
+def test_every_results_key_is_documented_in_the_run_directory_page():
+    from tests.helpers import REPO
+
+    page = (REPO / "docs" / "run-directory.md").read_text()
+    assert [f.key for f in schema.FIELDS if f"| `{f.key}` |" not in page] == []
