@@ -70,9 +70,9 @@ def check_graph(graph: bytes, module: torch.nn.Module, inputs: tuple[torch.Tenso
     """Run the graph once in onnxruntime on ``inputs``; its first output must match ``module``'s."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    ours = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0]
+    runner = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    names = [i.name for i in runner.get_inputs()]
+    ours = runner.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0]
     with traceable(), torch.no_grad():
         theirs = module(*inputs)
     theirs = (theirs[0] if isinstance(theirs, (tuple, list)) else theirs).float().numpy()
