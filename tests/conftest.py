@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import logging
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from tests.helpers import CONF_DIR, TINY, TINY64, write_mvtec  # noqa: E402 (CONF_DIR: also imported from here)
+from tests.helpers import CONF_DIR, TINY, TINY64, loggers_restored, write_mvtec  # noqa: E402 (CONF_DIR: also imported from here)
 
 # Tiny tensors on two cores shared with other jobs: one OpenMP thread is faster (two stall each other
 # at every barrier) and makes trainable models deterministic, so in-process and subprocess runs agree.
@@ -194,31 +193,23 @@ def invoke(entry, args: list) -> Called:
     Hydra configures the root logger for a job (console and RUN_DIR/tiled_hydra.log); the loggers,
     sys.argv and HYDRA_FULL_ERROR are put back as they were afterwards, so a later test's output is
     not sent to a closed stream."""
-    loggers = [logging.getLogger(), logging.getLogger("tiled_hydra")]
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     argv, full_error = sys.argv[:], os.environ.get("HYDRA_FULL_ERROR")
     out, err = io.StringIO(), io.StringIO()
     freeze_garbage_collector()
     code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            returned = entry([str(a) for a in args])
-        code = returned if isinstance(returned, int) else 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        for lg, handlers, level, propagate in saved:
-            for handler in lg.handlers:
-                if handler not in handlers:
-                    handler.close()
-            lg.handlers[:] = handlers
-            lg.setLevel(level)
-            lg.propagate = propagate
-        sys.argv[:] = argv
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
+    with loggers_restored():
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                returned = entry([str(a) for a in args])
+            code = returned if isinstance(returned, int) else 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            sys.argv[:] = argv
+            if full_error is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = full_error
     return Called(code, out.getvalue(), err.getvalue())
 
 

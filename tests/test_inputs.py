@@ -8,7 +8,6 @@ and that the static facts the check relies on (backbone channels, Lightning's ar
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import loggers_restored
 from tiled_hydra.cli.train import cli
 from tiled_hydra.config import PRECISIONS, TRAINER_ARGUMENTS, source_signature
 
@@ -29,21 +29,12 @@ CONF = REPO / "conf"
 def run_cli(args: list[str], run_dir: Path | None = None) -> int:
     """Exit code of ``python -m tiled_hydra ARGS [hydra.run.dir=RUN_DIR]``, run in this process. Hydra
     points the loggers at this job's console and log file; they are put back afterwards."""
-    loggers = [logging.getLogger(), logging.getLogger("tiled_hydra")]
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     code = 0
-    try:
-        cli([*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        for lg, handlers, level, propagate in saved:
-            for handler in lg.handlers:
-                if handler not in handlers:
-                    handler.close()
-            lg.handlers[:] = handlers
-            lg.setLevel(level)
-            lg.propagate = propagate
+    with loggers_restored():
+        try:
+            cli([*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
     return code
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import sys
 
 import pytest
@@ -60,3 +61,38 @@ def test_the_command_into_a_pipe_writes_log_lines_and_no_bars(main_cli, tiny, tm
     assert ran.code == 0, ran.err[-2000:]
     assert "slots: " not in ran.out + ran.err and "predict: " not in ran.out + ran.err
     assert "slot_003 trained in" in ran.out + ran.err  # one line per slot instead
+
+
+@pytest.mark.slow  # the process's own terminal is what is tested
+def test_bars_show_on_a_pseudo_terminal_that_reports_no_size(tiny, tmp_path):
+    """A pseudo-terminal opened without a size (``script``, some container consoles) reports 0
+    columns, and tqdm drew bars 0 characters wide, i.e. nothing: the command gives it a width."""
+    import subprocess
+    import threading
+
+    from tests.helpers import ENV, REPO
+
+    master, replica = pty.openpty()  # 0 rows x 0 columns
+    proc = subprocess.Popen([sys.executable, "-m", "tiled_hydra", *tiny("ens4"), f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=REPO, env=ENV, stdin=subprocess.DEVNULL, stdout=replica, stderr=replica)
+    os.close(replica)
+    chunks = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the last writer closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert proc.wait(timeout=600) == 0
+    reader.join(timeout=30)
+    os.close(master)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    for bar in ("slots", "predict"):  # a drawn bar: "slots:  25%|███▊     | 1/4 [...]" (a frame, any percentage)
+        assert re.search(bar + r": +\d+%\|[^|]+\| \d+/4", shown), shown[:6000]

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.core.features import DEFAULT_CHUNK_PIXELS, TileFeatures
 from tiled_hydra.core.merge import MergeSettings
-from tiled_hydra.core.progress import show_progress
+from tiled_hydra.core.progress import give_terminal_a_width, show_progress
 from tiled_hydra.core.tiling import TileGrid
 from tiled_hydra.data.base import AnomalyData
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
@@ -117,6 +117,8 @@ def build_run(cfg: DictConfig, checkpoints: Path, backbone: FrozenBackbone | Non
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
     progress = show_progress(cfg.get("progress", "auto"))
+    if progress:
+        give_terminal_a_width()
     trainer = SlotTrainer(store, grid, features, spec, device, trainer_kwargs, progress)
     return Run(grid, device, features, store, trainer, merge_settings(cfg.merge), settings, progress)
 

@@ -134,8 +134,9 @@ def predict(args: DictConfig) -> int:
     start = time.perf_counter()
     from tqdm.auto import tqdm
 
-    from tiled_hydra.core.progress import on_terminal
+    from tiled_hydra.core.progress import give_terminal_a_width, on_terminal
 
+    give_terminal_a_width()
     progress = tqdm(total=len(files), desc="predict", unit="img", disable=not on_terminal(), file=sys.stdout)
     for first in range(0, len(files), int(args.batch_size)):
         batch_files = files[first : first + int(args.batch_size)]

@@ -20,3 +20,25 @@ def on_terminal() -> bool:
 def show_progress(setting) -> bool:
     """progress: true | false | auto (auto: bars only when the process writes to a terminal)."""
     return setting is True or (setting in (None, "auto") and on_terminal())
+
+
+#: Width given to a terminal that reports none. A pseudo-terminal opened without a size (``script``,
+#: some container and IDE consoles) says 0 columns, and tqdm draws a bar as wide as the terminal: nothing.
+DEFAULT_COLUMNS = 100
+
+
+def give_terminal_a_width() -> None:
+    """On a terminal of 0 columns, set its size to DEFAULT_COLUMNS x 24 so that bars can be drawn."""
+    if not on_terminal():
+        return
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        fd = sys.__stdout__.fileno()
+        rows, columns = struct.unpack("hh", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)[:4])
+        if columns <= 0:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows if rows > 0 else 24, DEFAULT_COLUMNS, 0, 0))
+    except (ImportError, OSError, ValueError):
+        pass  # not a POSIX terminal: tqdm measures it itself
