@@ -96,3 +96,23 @@ def test_bars_show_on_a_pseudo_terminal_that_reports_no_size(tiny, tmp_path):
     shown = b"".join(chunks).decode("utf-8", "replace")
     for bar in ("slots", "predict"):  # a drawn bar: "slots:  25%|███▊     | 1/4 [...]" (a frame, any percentage)
         assert re.search(bar + r": +\d+%\|[^|]+\| \d+/4", shown), shown[:6000]
+
+
+@pytest.mark.parametrize("mode", ["auto", "false"])
+def test_data_loading_follows_the_progress_setting(mode, compose_cfg, tmp_path, monkeypatch, capsys):
+    """Generating and reading a data set of more than PROGRESS_MIN_FILES images draws bars on a
+    terminal, unless the run says progress=false."""
+    from tiled_hydra.build import build_data
+    from tiled_hydra.core.tiling import TileGrid
+    from tiled_hydra.data.images import PROGRESS_MIN_FILES
+
+    cfg = compose_cfg(["+setup=sm256", f"progress={mode}", f"dataset.root={tmp_path / 'data'}", "dataset.resolution=64",
+                       f"dataset.n_train={PROGRESS_MIN_FILES + 1}", "dataset.n_val=0", "dataset.n_test=2"])
+    master, replica = pty.openpty()
+    with os.fdopen(master, "rb") as _, os.fdopen(replica, "w") as terminal:
+        monkeypatch.setattr(sys, "__stdout__", terminal)
+        data = build_data(cfg, TileGrid.create(64, 64, 64))
+    assert len(data.train) == PROGRESS_MIN_FILES + 1
+    drawn = capsys.readouterr().err
+    for bar in ("synthetic: generating", "synthetic: train"):
+        assert (bar in drawn) == (mode == "auto"), (bar, drawn[-500:])

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiled_hydra.core.features import DEFAULT_CHUNK_PIXELS, TileFeatures
 from tiled_hydra.core.merge import MergeSettings
-from tiled_hydra.core.progress import give_terminal_a_width, show_progress
+from tiled_hydra.core.progress import data_bars, give_terminal_a_width, show_progress
 from tiled_hydra.core.tiling import TileGrid
 from tiled_hydra.data.base import AnomalyData
 from tiled_hydra.errors import ConfigError, DataError, instantiate_checked
@@ -50,7 +50,8 @@ def build_grid(setup: DictConfig) -> TileGrid:
 
 
 def build_data(cfg: DictConfig, grid: TileGrid) -> AnomalyData:
-    data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
+    with data_bars(show_progress(cfg.get("progress", "auto"))):
+        data: AnomalyData = instantiate_checked(cfg.dataset, image_size=list(grid.image_size))
     if len(data.train) < 2:
         raise DataError(f"{cfg.dataset.name}: need at least 2 training images, found {len(data.train)}")
     log.info("data: %d train, %d val, %d test images", len(data.train), len(data.val) if data.val else 0, len(data.test))

@@ -8,8 +8,14 @@ Without bars, long stages still say in the log when they start and end.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 PROGRESS = (True, False, "auto")
+
+# The run's setting for bars drawn deep inside data loading (reading images, generating the synthetic
+# set), which take no config of their own; None outside a run: a terminal decides.
+_DATA_BARS: ContextVar[bool | None] = ContextVar("data_bars", default=None)
 
 
 def on_terminal() -> bool:
@@ -20,6 +26,21 @@ def on_terminal() -> bool:
 def show_progress(setting) -> bool:
     """progress: true | false | auto (auto: bars only when the process writes to a terminal)."""
     return setting is True or (setting in (None, "auto") and on_terminal())
+
+
+@contextmanager
+def data_bars(enabled: bool):
+    """Within this block, data loading draws its bars only if ``enabled`` (the run's progress setting)."""
+    token = _DATA_BARS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DATA_BARS.reset(token)
+
+
+def data_bars_enabled() -> bool:
+    enabled = _DATA_BARS.get()
+    return on_terminal() if enabled is None else enabled
 
 
 #: Width given to a terminal that reports none. A pseudo-terminal opened without a size (``script``,

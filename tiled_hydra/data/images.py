@@ -153,7 +153,7 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
             )
         return (image.height, image.width), resized, resize_mask(mask, (height, width))
 
-    from tiled_hydra.core.progress import on_terminal  # a bar on a terminal only, as every bar of a run
+    from tiled_hydra.core.progress import data_bars_enabled  # the run's progress setting; outside a run a terminal
 
     native_sizes = []
     # PIL releases the GIL while it decodes and resizes: a few threads read in parallel; results
@@ -162,7 +162,7 @@ def read_split(samples: Sequence[Sample], image_size, dataset: str, with_masks: 
         loaded = pool.map(load, samples)
         for i, (native, image, mask) in enumerate(tqdm(loaded, total=len(samples), desc=f"{dataset}: {what}",
                                                        unit="img", leave=False,
-                                                       disable=len(samples) <= PROGRESS_MIN_FILES or not on_terminal())):
+                                                       disable=len(samples) <= PROGRESS_MIN_FILES or not data_bars_enabled())):
             native_sizes.append(native)
             images[i] = torch.from_numpy(image)
             if mask is not None:

@@ -293,11 +293,12 @@ def write_split(spec: SyntheticSpec, split: str, folder: Path, progress) -> None
 
 def generate(spec: SyntheticSpec, folder: Path) -> None:
     total = spec.n_train + spec.n_val + spec.n_test
-    # a bar on a terminal only: into a log file its carriage returns are one unreadable line
-    from tiled_hydra.core.progress import on_terminal
+    # the run's progress setting (outside a run a terminal): into a log file a bar's carriage returns
+    # are one unreadable line
+    from tiled_hydra.core.progress import data_bars_enabled
 
     with tqdm(total=total, desc="synthetic: generating", unit="img", leave=False,
-              disable=total <= PROGRESS_MIN_FILES or not on_terminal()) as bar:
+              disable=total <= PROGRESS_MIN_FILES or not data_bars_enabled()) as bar:
         for split in SPLITS:
             write_split(spec, split, folder, bar)
     (folder / "params.json").write_text(json.dumps({"version": GENERATOR_VERSION, **asdict(spec)}, indent=2) + "\n")
