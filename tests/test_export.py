@@ -211,6 +211,9 @@ def test_unfinished_or_edited_run_dirs_or_outputs_inside_them_are_refused_in_one
     result = call(export_main, [f"run_dir={edited}", f"output={edited / 'export'}"])
     assert_one_line(result.code, result.err, "inside the run dir", expected_code=2)
 
+    result = call(export_main, [f"run_dir={tmp_path / 'nope'}", f"output={tmp_path / 'c'}"])
+    assert_one_line(result.code, result.err, "is not a run directory", expected_code=2)
+
 
 @pytest.mark.slow
 def test_a_modified_graph_or_a_newer_manifest_is_refused_in_one_line(exported, data_roots, tmp_path):

@@ -104,7 +104,7 @@ def test_non_square_and_grayscale_images_get_maps_at_their_own_size(call, traine
 @pytest.mark.parametrize("breakage, args, message, code", [
     ("unfinished", [], "not trained", 1),
     ("foreign", [], "written by another version", 1),
-    (None, ["run_dir=NOPE"], "is not a run directory", 1),
+    (None, ["run_dir=NOPE"], "is not a run directory", 2),  # an argument that names no run: usage
     (None, ["input=NONE/*.png"], "no image files found", 1),
     (None, ["output=RUN/preds"], "inside the run dir", 2),
     (None, ["output=FILE/preds"], "is not writable", 2),  # under a regular file (root may write anywhere else)

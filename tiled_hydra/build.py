@@ -129,7 +129,7 @@ def open_trained_run(run_dir: Path, mode: str | None = None, device: str | None 
     configuration and code version; nothing in the run dir is modified."""
     config = Path(run_dir) / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise DataError(f"{run_dir} is not a run directory (no .hydra/config.yaml)")
+        raise ConfigError(f"{run_dir} is not a run directory (no .hydra/config.yaml)")
     cfg = OmegaConf.load(config)
     checkpoints = checkpoint_dir(cfg, run_dir)  # ensemble.checkpoint_dir when its shards shared one
     if not checkpoints.is_dir():

@@ -105,7 +105,7 @@ def predict(args: DictConfig) -> int:
     check_options(args)
     run_dir = Path(args.run_dir).expanduser()
     if not (run_dir / ".hydra" / "config.yaml").is_file():
-        raise DataError(f"run_dir={run_dir} is not a run directory (no .hydra/config.yaml)")
+        raise ConfigError(f"run_dir={run_dir} is not a run directory (no .hydra/config.yaml)")
     # imported after the option checks: torch and matplotlib take seconds to load, which --help and a
     # mistyped option do not need
     import torch

@@ -92,7 +92,7 @@ def export_run(run_dir: Path, output: Path, fmt: str = "onnx", opset: int = OPSE
     check_output(output, run_dir)
     config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise DataError(f"run_dir={run_dir} is not a run directory (no .hydra/config.yaml)")
+        raise ConfigError(f"run_dir={run_dir} is not a run directory (no .hydra/config.yaml)")
     name = str(OmegaConf.load(config).model.name)
     if name in NOT_EXPORTABLE:  # before any model loads
         raise ConfigError(f"model {name} cannot be exported: {NOT_EXPORTABLE[name]}")
