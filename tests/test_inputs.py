@@ -123,8 +123,9 @@ CASES = [pytest.param(args, key, id=" ".join(args)) for args, key in COMMON] + [
 @pytest.mark.parametrize("args, key", CASES)
 def test_a_bad_input_is_one_line_naming_its_key(tmp_path, capsys, args, key):
     code = run_cli(["+setup=ens9", "logger=none", *args], tmp_path / "run")
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 2
+    assert "to resume" not in out + err  # a refused run has nothing to resume
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"tiled_hydra: error: {key}") and ("expected" in err or "not a " in err), err
     assert not (tmp_path / "run").exists()  # a job that failed before doing anything leaves no run dir
@@ -166,13 +167,14 @@ def test_the_printed_resume_command_pastes_back(tmp_path, capsys):
     """A run dir with a space and a non-ASCII letter: the logged resume command, split as a POSIX
     shell splits it, is the same command (it names the same run dir)."""
     run_dir = tmp_path / "my runs" / "é"
-    args = ["+setup=ens9", "logger=none", "model.net.n_features=-5"]
-    assert run_cli(args, run_dir) == 2
+    # a run that passes the config check and then fails at once (on its data: exit 1)
+    args = ["+setup=sm256", "logger=none", "dataset=folder", f"dataset.root={tmp_path / 'no such folder'}"]
+    assert run_cli(args, run_dir) == 1
     out = capsys.readouterr().out
     resume = out.split("to resume an interrupted run: ")[1].splitlines()[0]
     words = shlex.split(resume)
     assert words[:3] == ["python", "-m", "tiled_hydra"] and words[3:] == [*args, f"hydra.run.dir={run_dir}"]
-    assert run_cli(words[3:]) == 2  # the pasted command parses and names the same run dir
+    assert run_cli(words[3:]) == 1  # the pasted command parses and names the same run dir
     assert f"run dir: {run_dir};" in capsys.readouterr().out
 
 

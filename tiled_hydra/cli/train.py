@@ -30,13 +30,13 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
-    log.info("run dir: %s; to resume an interrupted run: %s", run_dir,
-             " ".join(["python -m tiled_hydra", *map(shell_quote, [o for o in overrides if not o.startswith("hydra.run.dir=")]),
-                       shell_quote(f"hydra.run.dir={run_dir}")]))
     try:
         from tiled_hydra.config import validate
 
-        validate(cfg)  # before any data or model loads
+        validate(cfg)  # before any data or model loads; a refused config has no run dir to resume
+        log.info("run dir: %s; to resume an interrupted run: %s", run_dir,
+                 " ".join(["python -m tiled_hydra", *map(shell_quote, [o for o in overrides if not o.startswith("hydra.run.dir=")]),
+                           shell_quote(f"hydra.run.dir={run_dir}")]))
         outcome = run_locked(cfg, run_dir, overrides, hydra_cfg)
     except TiledHydraError as err:
         remove_if_empty(run_dir, hydra_cfg)
