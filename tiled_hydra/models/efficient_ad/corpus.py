@@ -33,7 +33,8 @@ def to_rgb_tensor(array: np.ndarray) -> torch.Tensor:
         array = array.astype(np.uint8) * 255
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).contiguous()
+    # a copy: an image file's array may be read-only, which torch cannot wrap
+    return torch.from_numpy(np.array(array[..., :3], order="C")).permute(2, 0, 1).contiguous()
 
 
 class ImageCorpus:
