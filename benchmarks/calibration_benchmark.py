@@ -2,7 +2,7 @@
 
 Each (dataset, model) cell trains its ENS9 slots once (the real command line; resumable), then
 evaluates every merge variant from the same checkpoints (``ensemble.stage=evaluate`` with a shared
-``ensemble.checkpoint_dir``): calibration none / slot / slot_position x window flat / hann, seam
+``ensemble.checkpoint_dir``): calibration none / slot / slot_position x window flat / hann (or those named), seam
 smoothing as configured. One Markdown table: image AUROC, pixel AUROC, pixel AUPRO and the block
 contrast of the merged maps on normal test images (metrics/seams.py).
 
@@ -59,7 +59,8 @@ def main() -> None:
             cell = args.out / dataset.replace(":", "_") / f"{model}_{args.setup}"
             base = [f"+setup={args.setup}", f"model={model}", *dataset_overrides(dataset), *args.overrides]
             started = time.perf_counter()
-            trained = run(base, cell / "none_flat")  # trains the slots (merge settings do not change them)
+            # trains the slots (merge settings do not change them), merged as the paper merges
+            trained = run([*base, "merge.calibration=none", "merge.window=flat"], cell / "none_flat")
             print(f"<!-- {dataset} {model}: trained in {trained['train_seconds']:.0f} s "
                   f"(wall {time.perf_counter() - started:.0f} s) -->", flush=True)
             for calibration, window in [(c, w) for c in args.calibrations for w in args.windows]:

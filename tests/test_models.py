@@ -207,3 +207,5 @@ def test_paper_preset(compose_cfg, name, batch_size, max_steps):
     cfg = compose_cfg(["+setup=ens9", f"model={name}", "experiment=paper"])
     assert cfg.backbone.name == "resnet18"
     assert cfg.model.batch_size == batch_size and cfg.model.max_steps == max_steps
+    # the paper merges overlapping tile maps by their plain mean (§3.3), whatever the default window
+    assert cfg.merge.window == "flat" and compose_cfg(["+setup=ens9", f"model={name}"]).merge.window != "flat"
