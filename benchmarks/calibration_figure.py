@@ -1,14 +1,14 @@
-"""Figure: the mean merged map of each model on the normal test images, with the paper's merge and
-with another merge setting, side by side on one colour scale per model; tile seams dotted.
+"""Figure: the mean merged map of each model on the normal test images, one column per merge setting
+(default: the paper's flat mean, tukey, hann) on one colour scale per model; tile seams dotted.
 
 Tiles that live on their own scale show as blocks in the mean map of normal images (a defect-free
 image should give a flat, structureless map). It reads the slots that
 ``calibration_benchmark.py`` trained (``OUT/DATASET/MODEL_ens9/none_flat``) and runs the inference
 engine on the normal test images once per merge setting; each panel's title gives the block contrast
-over those images (metrics/seams.py).
+and the seam ridge over those images (metrics/seams.py), also printed as a Markdown table.
 
-    python benchmarks/calibration_figure.py --models padim patchcore --out docs/results/calibration.png
-    python benchmarks/calibration_figure.py --right none:tukey --cells /work/bench/calibration/default
+    python benchmarks/calibration_figure.py --cells outputs/benchmarks/calibration/default --out docs/results/calibration.png
+    python benchmarks/calibration_figure.py --models patchcore --variants none:flat slot_position:hann
 """
 
 from __future__ import annotations
@@ -24,15 +24,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from tiled_hydra.build import build_data, open_trained_run  # noqa: E402
-from tiled_hydra.metrics.seams import block_contrast  # noqa: E402
+from tiled_hydra.metrics.seams import block_contrast, seam_ridge  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def mean_normal_map(run, images: torch.Tensor, calibration: str, window: str) -> tuple[torch.Tensor, float]:
-    run.merge = dataclasses.replace(run.merge, calibration=calibration, window=window)
-    maps = run.engine(keep=True)(images).maps
-    return maps.mean(0), block_contrast(maps, run.grid)[0]
+def mean_normal_map(cell: Path, calibration: str, window: str) -> dict:
+    """The mean merged map of the cell's normal test images, their block contrast and seam ridge, the
+    seams; kept in the cell (a re-run draws without predicting again)."""
+    saved = cell / f"mean_normal_map_{calibration}_{window}.pt"
+    kept = torch.load(saved, weights_only=True) if saved.is_file() else {}
+    if "seam_ridge" not in kept or saved.stat().st_mtime < (cell / "none_flat" / "results.json").stat().st_mtime:
+        cfg, run = open_trained_run(cell / "none_flat")
+        data = build_data(cfg, run.grid)
+        run.merge = dataclasses.replace(run.merge, calibration=calibration, window=window)
+        maps = run.engine(keep=True)(data.test.images[data.test.labels == 0]).maps
+        kept = {"mean": maps.mean(0), "block_contrast": block_contrast(maps, run.grid)[0],
+                "seam_ridge": seam_ridge(maps, run.grid), "count": len(maps), "seams": run.grid.seams()}
+        torch.save(kept, saved)
+    return kept
 
 
 def main() -> None:
@@ -41,36 +51,37 @@ def main() -> None:
                                                          "reverse_distillation", "efficient_ad", "ddad"])
     parser.add_argument("--cells", type=Path, default=REPO / "outputs" / "benchmarks" / "calibration" / "default",
                         help="folder of the benchmark's MODEL_ens9 cells of one dataset")
-    parser.add_argument("--left", default="none:flat", help="CALIBRATION:WINDOW of the left column")
-    parser.add_argument("--right", default="none:tukey", help="CALIBRATION:WINDOW of the right column")
+    parser.add_argument("--variants", nargs="+", default=["none:flat", "none:tukey", "none:hann"],
+                        help="CALIBRATION:WINDOW of each column")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "calibration.png")
     args = parser.parse_args()
     models = [m for m in args.models if (args.cells / f"{m}_ens9" / "none_flat" / "results.json").is_file()]
     if not models:
         raise SystemExit(f"no trained cell under {args.cells}: run benchmarks/calibration_benchmark.py first")
-    variants = [tuple(v.split(":")) for v in (args.left, args.right)]
-    fig, axes = plt.subplots(len(models), 2, figsize=(6.4, 3.1 * len(models)), squeeze=False)
+    variants = [tuple(v.split(":")) for v in args.variants]
+    fig, axes = plt.subplots(len(models), len(variants), figsize=(3.2 * len(variants), 2.9 * len(models)),
+                             squeeze=False, layout="constrained")
+    print("| model | " + " | ".join(f"{c}, {w}: block contrast | seam ridge" for c, w in variants) + " |")
+    print("|---|" + "---:|---:|" * len(variants))
     for row, model in zip(axes, models):
-        cfg, run = open_trained_run(args.cells / f"{model}_ens9" / "none_flat")
-        data = build_data(cfg, run.grid)
-        normal = data.test.images[data.test.labels == 0]
-        panels = [mean_normal_map(run, normal, *variant) for variant in variants]
-        low = min(float(m.quantile(0.01)) for m, _ in panels)
-        high = max(float(m.quantile(0.99)) for m, _ in panels)
-        for ax, (calibration, window), (mean_map, contrast) in zip(row, variants, panels):
-            image = ax.imshow(mean_map.numpy(), cmap="magma", vmin=low, vmax=high)
-            for seam in run.grid.seams()[0]:
+        panels = [mean_normal_map(args.cells / f"{model}_ens9", *variant) for variant in variants]
+        low = min(float(p["mean"].quantile(0.01)) for p in panels)
+        high = max(float(p["mean"].quantile(0.99)) for p in panels)
+        for ax, (calibration, window), panel in zip(row, variants, panels):
+            image = ax.imshow(panel["mean"].numpy(), cmap="magma", vmin=low, vmax=high)
+            for seam in panel["seams"][0]:
                 ax.axhline(seam - 0.5, color="white", lw=0.6, ls=":")
-            for seam in run.grid.seams()[1]:
+            for seam in panel["seams"][1]:
                 ax.axvline(seam - 0.5, color="white", lw=0.6, ls=":")
-            ax.set_title(f"calibration={calibration}, window={window}\nblock contrast {contrast:.3f}", fontsize=8)
+            ax.set_title(f"calibration={calibration}, window={window}\nblock contrast {panel['block_contrast']:.3f}, "
+                         f"seam ridge {panel['seam_ridge']:.3f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(model, fontsize=10)
         fig.colorbar(image, ax=list(row), shrink=0.8, label="anomaly score")
-        print(f"{model}: " + ", ".join(f"{c}/{w} {p[1]:.3f}" for (c, w), p in zip(variants, panels)),
+        print(f"| {model} | " + " | ".join(f"{p['block_contrast']:.3f} | {p['seam_ridge']:.3f}" for p in panels) + " |",
               flush=True)
-    fig.suptitle(f"Mean merged map of the {len(normal)} normal test images (ENS9; dotted: tile seams)", fontsize=9)
+    fig.suptitle(f"Mean merged map of the {panels[0]['count']} normal test images (ENS9; dotted: tile seams)", fontsize=9)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
     print(f"wrote {args.out}")

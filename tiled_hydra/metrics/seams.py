@@ -13,6 +13,11 @@ between the seams is the control (``off_seam``), and block contrast is what the 
 step across the seams - step off the seams. 0: the seams do not show (within the noise of the
 two estimates, which can make it slightly negative); 1: the map jumps at the seams by the whole
 high end of normal.
+
+A step misses a ridge: a map raised (or lowered) along the seams on both sides alike, as where
+every tile's border scores high, steps up and down again and shows the grid as lines. The seam
+ridge is the mean of the map in a band centred on the seams minus the same mean on the lines
+midway between them, divided by the same spread: 0, no line; positive, the seams are brighter.
 """
 
 from __future__ import annotations
@@ -76,3 +81,31 @@ def block_contrast(maps: torch.Tensor, grid: TileGrid) -> tuple[float | None, fl
     on = line_steps(maps, row_seams, col_seams, row_cuts, col_cuts, band).mean()
     off = line_steps(maps, row_mid, col_mid, row_cuts, col_cuts, band).mean()
     return float(on - off) / spread, float(off) / spread
+
+
+def band_means(maps: torch.Tensor, row_lines: list[int], col_lines: list[int], half: int) -> torch.Tensor:
+    """Mean of the map (per image) in the band of ``2 * half`` pixels centred on each line: (N, lines)."""
+    means = [maps[:, max(y - half, 0):y + half, :].mean(dim=(-2, -1)) for y in row_lines]
+    means += [maps[:, :, max(x - half, 0):x + half].mean(dim=(-2, -1)) for x in col_lines]
+    return torch.stack(means, dim=1)
+
+
+def seam_ridge(maps: torch.Tensor, grid: TileGrid) -> float | None:
+    """Seam ridge of merged maps (N, H, W) of normal images (module doc); None when the grid has no
+    seam or there is no normal image."""
+    row_seams, col_seams = grid.seams()
+    if len(maps) == 0 or not (row_seams or col_seams):
+        return None
+    maps = maps.float()
+    height, width = maps.shape[-2:]
+    row_cuts, col_cuts = _cuts(row_seams, height), _cuts(col_seams, width)
+    extents = [b - a for cuts in (row_cuts, col_cuts) for a, b in zip(cuts, cuts[1:])]
+    half = max(1, int(min(extents) * BAND_FRACTION) // 2)
+    row_mid = [(a + b) // 2 for a, b in zip(row_cuts, row_cuts[1:])] if row_seams else []
+    col_mid = [(a + b) // 2 for a, b in zip(col_cuts, col_cuts[1:])] if col_seams else []
+    spread = _spread(maps)
+    if spread <= 0:
+        return 0.0
+    on = band_means(maps, row_seams, col_seams, half).mean()
+    off = band_means(maps, row_mid, col_mid, half).mean()
+    return float(on - off) / spread
