@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from tiled_hydra.build import build_data, open_trained_run  # noqa: E402
-from tiled_hydra.metrics.seams import block_contrast, seam_ridge  # noqa: E402
+from tiled_hydra.core.tiling import TileGrid  # noqa: E402
+from tiled_hydra.metrics.seams import block_contrast, map_spread, seam_ridge  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,14 +35,17 @@ def mean_normal_map(cell: Path, calibration: str, window: str) -> dict:
     seams; kept in the cell (a re-run draws without predicting again)."""
     saved = cell / f"mean_normal_map_{calibration}_{window}.pt"
     kept = torch.load(saved, weights_only=True) if saved.is_file() else {}
-    if "seam_ridge" not in kept or saved.stat().st_mtime < (cell / "none_flat" / "results.json").stat().st_mtime:
+    if "spread" not in kept or saved.stat().st_mtime < (cell / "none_flat" / "results.json").stat().st_mtime:
         cfg, run = open_trained_run(cell / "none_flat")
         data = build_data(cfg, run.grid)
         run.merge = dataclasses.replace(run.merge, calibration=calibration, window=window)
         maps = run.engine(keep=True)(data.test.images[data.test.labels == 0]).maps
-        kept = {"mean": maps.mean(0), "block_contrast": block_contrast(maps, run.grid)[0],
-                "seam_ridge": seam_ridge(maps, run.grid), "count": len(maps), "seams": run.grid.seams()}
+        kept = {"mean": maps.mean(0), "block_contrast": block_contrast(maps, run.grid)[0], "spread": map_spread(maps),
+                "count": len(maps), "seams": run.grid.seams(), "grid": [list(run.grid.image_size),
+                                                                         list(run.grid.tile_size), list(run.grid.stride)]}
         torch.save(kept, saved)
+    # linear in the maps: the mean map with the spread of all their pixels gives the ridge of the images
+    kept["seam_ridge"] = seam_ridge(kept["mean"][None], TileGrid.create(*kept["grid"]), kept["spread"])
     return kept
 
 
@@ -61,7 +65,7 @@ def main() -> None:
     variants = [tuple(v.split(":")) for v in args.variants]
     fig, axes = plt.subplots(len(models), len(variants), figsize=(3.2 * len(variants), 2.9 * len(models)),
                              squeeze=False, layout="constrained")
-    print("| model | " + " | ".join(f"{c}, {w}: block contrast | seam ridge" for c, w in variants) + " |")
+    print("| model | " + " | ".join(f"{c}/{w} block contrast | {c}/{w} seam ridge" for c, w in variants) + " |")
     print("|---|" + "---:|---:|" * len(variants))
     for row, model in zip(axes, models):
         panels = [mean_normal_map(args.cells / f"{model}_ens9", *variant) for variant in variants]

@@ -9,7 +9,7 @@ import torch
 from tiled_hydra.core.calibration import MIN_POSITION_TILES, fit_calibration, tile_window
 from tiled_hydra.core.filters import gaussian_blur
 from tiled_hydra.core.tiling import TileGrid
-from tiled_hydra.metrics.seams import block_contrast, seam_ridge
+from tiled_hydra.metrics.seams import block_contrast, map_spread, seam_ridge
 
 ENS4 = TileGrid.create(512, 256, 256)  # seams at 256
 ENS9 = TileGrid.create(512, 256, 128)  # seams at 128, 256, 384
@@ -69,30 +69,32 @@ def test_blocks_are_no_ridge_and_a_ridge_is_no_block():
     maps[:, :256, 256:], maps[:, 256:, :256], maps[:, 256:, 256:] = 1.0, 2.0, 3.0
     assert seam_ridge(maps, ENS4) == pytest.approx(0.0, abs=1e-6)
     # lines of 1 on a map of 0, rows and columns 252-259 (8 px on the seam at 256): 3 % of the pixels,
-    # so q99 = 1, median 0, spread 1. The seam band (half width 256/8/2 = 16 px, rows 240-271)
-    # holds the 8 ridge rows across 512 columns plus the 8 ridge columns on its other 24 rows;
-    # a midway band (rows 112-143) only the 8 columns: (8*512 + 24*8) / (32*512) - 8/512 = 0.24609375
+    # so q99 = 1, median 0, spread 1. The seam band (a quarter cell, 64 px, each side: rows 192-319)
+    # holds the 8 ridge rows across 512 columns plus the 8 ridge columns on its other 120 rows;
+    # a midway band (rows 64-191) only the 8 columns: (8*512 + 120*8) / (128*512) - 8/512 = 0.0615234375
     ridge = torch.zeros(1, 512, 512)
     ridge[:, 252:260, :], ridge[:, :, 252:260] = 1.0, 1.0
-    assert seam_ridge(ridge, ENS4) == pytest.approx(0.24609375)
-    assert seam_ridge(ridge * 7 + 4, ENS4) == pytest.approx(0.24609375)  # a ratio: the map's unit cancels
+    assert seam_ridge(ridge, ENS4) == pytest.approx(0.0615234375)
+    assert seam_ridge(ridge * 7 + 4, ENS4) == pytest.approx(0.0615234375)  # a ratio: the map's unit cancels
+    # linear: the mean map of several images with their common spread gives the same value
+    several = torch.cat([ridge, ridge.flip(-1), ridge * 0.5])
+    assert seam_ridge(several.mean(0, keepdim=True), ENS4, map_spread(several)) == pytest.approx(seam_ridge(several, ENS4), rel=1e-5)  # float32 sums
     # ... which the step across the seam does not see: equal on both sides
     assert block_contrast(ridge, ENS4) == pytest.approx((0.0, 0.0))
 
 
 def test_windows_hide_raised_tile_borders_that_the_flat_mean_shows_as_lines():
-    """Every slot scores the outer 8 px of its tile 5 higher (a receptive field that saw padding, as
-    PatchCore's): the flat mean draws the grid as ridges along the seams. Within 8 px of its border a
-    tile's tukey weight is at most sin^2(pi/2 * 8/32) = 0.146, so where another tile covers that ring
-    at full weight the ring counts at most 0.146 / 1.146 of its height: the ridge drops below a fifth."""
-    tiles = ENS9.tile(normal_fields(2, seed=3)[:, None])[:, :, 0]
+    """Every slot scores the outer 8 px of its tile 1 higher than the rest (a receptive field that saw
+    padding), and nothing else: the flat mean draws the grid as lines along the seams. Within 8 px
+    of its border a tile's tukey weight is at most sin^2(pi/2 * 8/32) = 0.146, so where another tile
+    covers that ring at full weight the ring counts at most 0.146 / 1.146 of its height: the ridge
+    drops below a fifth; hann's weight there is smaller still."""
     ring = torch.ones(256, 256, dtype=torch.bool)
     ring[8:-8, 8:-8] = False
-    raised = [tiles[:, k] + 5 * ring for k in range(ENS9.num_tiles)]
-    flat = seam_ridge(merge(ENS9, raised), ENS9)
-    tukey = seam_ridge(merge(ENS9, raised, tile_window((256, 256), "tukey")), ENS9)
-    hann = seam_ridge(merge(ENS9, raised, tile_window((256, 256), "hann")), ENS9)
-    assert flat > 0.2 and abs(tukey) < flat / 5 and abs(hann) < abs(tukey)
+    raised = [ring[None].float() for _ in range(ENS9.num_tiles)]
+    flat, tukey, hann = (seam_ridge(merge(ENS9, raised, tile_window((256, 256), w)), ENS9, spread=1.0)
+                         for w in ("flat", "tukey", "hann"))
+    assert flat > 0.05 and abs(tukey) < flat / 5 and abs(hann) < abs(tukey)
 
 
 def test_no_seam_or_no_normal_image_has_no_block_contrast():

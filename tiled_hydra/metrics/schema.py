@@ -76,7 +76,8 @@ FIELDS = [
     Field("block_contrast_off_seam", "ratio", "the control of block_contrast: the step across lines midway between "
           "seams / the same spread; null for a single tile", False, "map step off seams (control)"),
     Field("seam_ridge", "difference", "tile artefacts as lines: the mean of the merged maps of normal test images "
-          "in a band on the tile seams minus the same on lines midway between them, / the same spread "
+          "within a quarter cell of the tile seams minus the same within a quarter cell of the lines midway between "
+          "them, / the same spread "
           "(metrics/seams.py); 0: no line, > 0: brighter seams; null for a single tile", False,
           "seam ridge (normal images)"),
     Field("inference_mode", "text", "sequential (one slot resident) | resident (all slots resident)"),

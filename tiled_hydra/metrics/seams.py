@@ -14,10 +14,12 @@ step across the seams - step off the seams. 0: the seams do not show (within the
 two estimates, which can make it slightly negative); 1: the map jumps at the seams by the whole
 high end of normal.
 
-A step misses a ridge: a map raised (or lowered) along the seams on both sides alike, as where
-every tile's border scores high, steps up and down again and shows the grid as lines. The seam
-ridge is the mean of the map in a band centred on the seams minus the same mean on the lines
-midway between them, divided by the same spread: 0, no line; positive, the seams are brighter.
+A step misses lines: a map raised (or lowered) along the seams on both sides alike, as where
+every tile's border scores high, steps up and down again and shows the grid as lines, and a
+window that only narrows such a line can leave two beside the seam. The seam ridge is the mean of
+the map within a quarter cell of the seams minus its mean within a quarter cell of the lines
+midway between them (the two halves of every inner cell), divided by the same spread: 0, nothing
+locked to the seams; positive, brighter near the seams. Steps between cells cancel in it.
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def band_means(maps: torch.Tensor, row_lines: list[int], col_lines: list[int], h
     return torch.stack(means, dim=1)
 
 
-def seam_ridge(maps: torch.Tensor, grid: TileGrid) -> float | None:
+def seam_ridge(maps: torch.Tensor, grid: TileGrid, spread: float | None = None) -> float | None:
     """Seam ridge of merged maps (N, H, W) of normal images (module doc); None when the grid has no
-    seam or there is no normal image."""
+    seam or there is no normal image. Linear in the maps: the mean map of the images gives the same
+    value when ``spread`` (of all their pixels, :func:`map_spread`) is passed."""
     row_seams, col_seams = grid.seams()
     if len(maps) == 0 or not (row_seams or col_seams):
         return None
@@ -100,12 +103,17 @@ def seam_ridge(maps: torch.Tensor, grid: TileGrid) -> float | None:
     height, width = maps.shape[-2:]
     row_cuts, col_cuts = _cuts(row_seams, height), _cuts(col_seams, width)
     extents = [b - a for cuts in (row_cuts, col_cuts) for a, b in zip(cuts, cuts[1:])]
-    half = max(1, int(min(extents) * BAND_FRACTION) // 2)
+    half = max(1, min(extents) // 4)
     row_mid = [(a + b) // 2 for a, b in zip(row_cuts, row_cuts[1:])] if row_seams else []
     col_mid = [(a + b) // 2 for a, b in zip(col_cuts, col_cuts[1:])] if col_seams else []
-    spread = _spread(maps)
+    spread = map_spread(maps) if spread is None else spread
     if spread <= 0:
         return 0.0
     on = band_means(maps, row_seams, col_seams, half).mean()
     off = band_means(maps, row_mid, col_mid, half).mean()
     return float(on - off) / spread
+
+
+def map_spread(maps: torch.Tensor) -> float:
+    """The maps' spread on normal pixels: 99th percentile - median of all their pixels."""
+    return _spread(maps.float())
