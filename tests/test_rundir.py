@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -274,3 +275,28 @@ def test_padim_checkpoint_stores_the_triangle_exactly(trained_run):
     # are small beside it.
     triangle_bytes = p * d * (d + 1) // 2 * 4
     assert triangle_bytes < cached.results["checkpoint_bytes"] < triangle_bytes * 1.1
+
+
+@pytest.mark.slow  # the process boundary is what is tested
+def test_sigterm_while_training_fails_the_run_and_keeps_its_slots(tiny, tmp_path):
+    """SIGTERM (a scheduler's preemption, kill, docker stop) mid-slot: Lightning turns it into a
+    SystemExit without a code, which exited 0 with nothing written. The run must fail in one line,
+    keep its run dir and leave no results (outside a slot's training the command's own handler
+    says the same)."""
+    run_dir = tmp_path / "T"
+    args = [o for o in tiny.canonical("ens4", "fastflow") if not o.startswith("model.max_steps=")]
+    args += ["model.max_steps=100000", "model.max_epochs=-1"]  # slot 0 trains until it is stopped
+    log = (tmp_path / "job.log").open("w")
+    job = subprocess.Popen([sys.executable, "-m", "tiled_hydra", *args, f"hydra.run.dir={run_dir}"], cwd=REPO, env=ENV,
+                           stdout=log, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "slot_000.lock").exists(), job)
+        time.sleep(2)  # inside trainer.fit of slot 0
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        log.close()
+    assert job.returncode == 1, err[-2000:]
+    assert "stopped by SIGTERM" in err.strip().splitlines()[-1] and err.strip().splitlines()[-1].startswith("tiled_hydra: error:")
+    assert run_dir.is_dir() and not (run_dir / "results.json").exists()

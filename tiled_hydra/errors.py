@@ -13,6 +13,10 @@ class DataError(TiledHydraError):
     """A dataset that is missing, incomplete or unreadable."""
 
 
+class Interrupted(TiledHydraError):
+    """The run was stopped from outside (SIGTERM: a scheduler's preemption, ``kill``, ``docker stop``)."""
+
+
 def instantiate_checked(node, **kwargs):
     """hydra's instantiate, but a user-facing error raised inside the target stays a one-line error."""
     from hydra.errors import InstantiationException

@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 from tiled_hydra.cli.common import fail, first_line, quote_plain_values, shell_quote
 from tiled_hydra.config import CONF_DIR, group_options, user_groups
-from tiled_hydra.errors import ConfigError, TiledHydraError
+from tiled_hydra.errors import ConfigError, Interrupted, TiledHydraError
 
 log = logging.getLogger("tiled_hydra")
 PROG = "tiled_hydra"
@@ -30,6 +31,7 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         from tiled_hydra.config import validate
 
@@ -41,7 +43,16 @@ def main(cfg: DictConfig) -> dict | None:
     except TiledHydraError as err:
         remove_if_empty(run_dir, hydra_cfg)
         fail(PROG, err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return outcome.results
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler's preemption, ``kill``, ``docker stop``) ends the run as a failure in one
+    line: the lock is released on the way out, and nothing claims the run finished. While a slot
+    trains, Lightning's own handler stops it instead (slots/trainer.py says the same)."""
+    raise Interrupted("stopped by SIGTERM; the slots already saved are kept, run the same command again to resume")
 
 
 def run_locked(cfg: DictConfig, run_dir: Path, overrides: list[str], hydra_cfg):

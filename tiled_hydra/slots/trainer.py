@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
@@ -30,7 +31,7 @@ from tiled_hydra.core.calibration import SlotCalibration, fit_calibration
 from tiled_hydra.core.features import TileFeatures, chunks
 from tiled_hydra.core.memory import PeakMemory
 from tiled_hydra.core.tiling import TileGrid
-from tiled_hydra.errors import ConfigError, instantiate_checked
+from tiled_hydra.errors import ConfigError, Interrupted, instantiate_checked
 from tiled_hydra.models.base import AnomalyModule
 from tiled_hydra.slots.cluster import node_name
 from tiled_hydra.slots.store import SlotStore, slot_name
@@ -231,5 +232,11 @@ class SlotTrainer:
         if kwargs["enable_progress_bar"]:
             callbacks.append(SlotProgressBar(slot_name(slot)))
         trainer = L.Trainer(max_epochs=self.spec.max_epochs, max_steps=self.spec.max_steps, callbacks=callbacks, **kwargs)
-        trainer.fit(model, loader)
+        try:
+            trainer.fit(model, loader)
+        except SIGTERMException:
+            # Lightning ends a fit on SIGTERM with a SystemExit without a code: exit status 0 for a run
+            # that did not finish. Slots saved before this one stay; the same command resumes.
+            raise Interrupted(f"{slot_name(slot)}: stopped by SIGTERM while training; the slots already saved "
+                              "are kept, run the same command again to resume") from None
         return model.cpu().eval()
