@@ -31,7 +31,10 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    # a launcher's own handler (submitit bypasses SIGTERM so that SLURM can requeue the job) is kept
+    own_handler = signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+    if own_handler:
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         from tiled_hydra.config import validate
 
@@ -44,14 +47,16 @@ def main(cfg: DictConfig) -> dict | None:
         remove_if_empty(run_dir, hydra_cfg)
         fail(PROG, err)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return outcome.results
 
 
 def stop_on_sigterm(signum, frame) -> None:
     """SIGTERM (a scheduler's preemption, ``kill``, ``docker stop``) ends the run as a failure in one
-    line: the lock is released on the way out, and nothing claims the run finished. While a slot
-    trains, Lightning's own handler stops it instead (slots/trainer.py says the same)."""
+    line: the lock is released on the way out, and nothing claims the run finished. Lightning sets
+    its own SIGTERM handler only where none is set, so this one also stops a slot's training; where a
+    launcher's handler is kept, slots/trainer.py converts Lightning's silent exit."""
     raise Interrupted("stopped by SIGTERM; the slots already saved are kept, run the same command again to resume")
 
 
