@@ -87,7 +87,11 @@ def main() -> None:
               flush=True)
     fig.suptitle(f"Mean merged map of the {panels[0]['count']} normal test images (ENS9; dotted: tile seams)", fontsize=9)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110, bbox_inches="tight")
+    fig.savefig(args.out, dpi=100, bbox_inches="tight")
+    # a palette of 256 colours (the colour map has 256): a third of the bytes, no visible change
+    from PIL import Image
+
+    Image.open(args.out).convert("RGB").quantize(256).save(args.out, optimize=True)
     print(f"wrote {args.out}")
 
 
