@@ -41,6 +41,9 @@ METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "pixel_AUPRO_05", "pixel
 TINY = ["model=padim", "+setup=ens4", "dataset.n_train=6", "dataset.n_val=4", "dataset.n_test=6", "logger=none",
         "report.overlays=0"]
 SHARDS = ["ensemble.num_shards=2", "ensemble.shard=range(2)"]
+# A slot that trains for several seconds: a requeued SLURM job gets SIGTERM (which submitit ignores) and
+# SIGKILL KillWait (5 s) later, and TINY's PaDiM slot (0.8 s) would finish in between.
+SLOW = [o for o in TINY if o != "model=padim"] + ["model=fastflow", "model.max_steps=60"]
 SHARD_SLOTS = {0: [0, 2], 1: [1, 3]}  # slot k belongs to shard k mod 2
 
 
@@ -82,9 +85,9 @@ def _free(port: int) -> bool:
             return False
 
 
-def evaluate_equals_sequential(slots: Path, run_dir: Path, sequential: dict) -> dict:
+def evaluate_equals_sequential(slots: Path, run_dir: Path, sequential: dict, overrides: list[str] = TINY) -> dict:
     """Evaluate the slots in ``slots`` once; every metric equals the sequential run's."""
-    ok(python_m([*TINY, f"ensemble.checkpoint_dir={slots}", "ensemble.stage=evaluate", f"hydra.run.dir={run_dir}"]))
+    ok(python_m([*overrides, f"ensemble.checkpoint_dir={slots}", "ensemble.stage=evaluate", f"hydra.run.dir={run_dir}"]))
     evaluated = results(run_dir)
     for key in METRICS:
         assert evaluated[key] == sequential[key], key
@@ -221,7 +224,7 @@ def test_a_lost_ray_node_costs_only_its_unfinished_slots(two_nodes, sequential, 
     assert ray_jobs(out)[lost]["node_ip"] == "127.0.0.2"
     shard_file = json.loads(next((out / "sweep").glob(f"*ensemble.shard={lost}*/shard.json")).read_text())
     assert shard_file["resumed_slots"] == 1 and shard_file["missing_slots"] == []
-    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential)
+    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential, SLOW)
 
 
 @pytest.mark.cluster
@@ -265,9 +268,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def slurm_shards(out: Path) -> list[str]:
+def slurm_shards(out: Path, overrides: list[str] = TINY) -> list[str]:
     return ["-m", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
-            "hydra.launcher.mem_gb=1", *TINY, *SHARDS, f"ensemble.checkpoint_dir={out / 'slots'}",
+            "hydra.launcher.mem_gb=1", *overrides, *SHARDS, f"ensemble.checkpoint_dir={out / 'slots'}",
             f"hydra.sweep.dir={out / 'sweep'}"]
 
 
@@ -302,12 +305,14 @@ def test_slurm_shards_on_two_nodes_equal_the_sequential_run(slurm_cluster, seque
 
 
 @pytest.mark.cluster
-def test_a_preempted_slurm_shard_is_requeued_and_resumes_its_slots(slurm_cluster, sequential, tmp_path):
+def test_a_preempted_slurm_shard_is_requeued_and_resumes_its_slots(slurm_cluster, tmp_path):
     """scontrol requeue of a shard job while it trains its second slot (what preemption with
     PreemptMode=REQUEUE does): the job is killed, runs again, finds its first slot trained and
     trains the second; the multirun command finishes by itself."""
     out, env = tmp_path / "preempted", slurm_cluster["env"]
-    with started(slurm_shards(out), env, out.with_suffix(".log")) as command:
+    ok(python_m([*SLOW, f"hydra.run.dir={tmp_path / 'sequential'}"]))
+    sequential = results(tmp_path / "sequential")
+    with started(slurm_shards(out, SLOW), env, out.with_suffix(".log")) as command:
         shard, training_pid, finished = requeue_during_second_slot(command, out, env)
     after = records(out / "slots")
     first, second = SHARD_SLOTS[shard]
@@ -315,7 +320,7 @@ def test_a_preempted_slurm_shard_is_requeued_and_resumes_its_slots(slurm_cluster
     assert after[second]["pid"] not in (training_pid, finished["pid"]), "the second slot was trained by the requeued job"
     shard_file = json.loads(next((out / "sweep").glob(f"*ensemble.shard={shard}*/shard.json")).read_text())
     assert shard_file["resumed_slots"] == 1 and shard_file["missing_slots"] == []
-    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential)
+    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential, SLOW)
 
 
 def requeue_during_second_slot(command: subprocess.Popen, out: Path, env: dict) -> tuple[int, int, dict]:
