@@ -25,6 +25,7 @@ locked to the seams; positive, brighter near the seams. Steps between cells canc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -63,25 +64,45 @@ def _spread(maps: torch.Tensor) -> float:
     return float(high - median)
 
 
+@dataclass(frozen=True)
+class GridLines:
+    """Seams, the cell cuts they make (image edges included), the midway lines of the cells on an
+    axis that has seams (the control), and the smallest cell extent."""
+
+    row_seams: list[int]
+    col_seams: list[int]
+    row_cuts: list[int]
+    col_cuts: list[int]
+    row_mid: list[int]
+    col_mid: list[int]
+    smallest_cell: int
+
+
+def grid_lines(grid: TileGrid, height: int, width: int) -> GridLines | None:
+    """The lines of ``grid`` on maps of (height, width); None for a single tile (no seam)."""
+    row_seams, col_seams = grid.seams()
+    if not (row_seams or col_seams):
+        return None
+    row_cuts, col_cuts = _cuts(row_seams, height), _cuts(col_seams, width)
+    extents = [b - a for cuts in (row_cuts, col_cuts) for a, b in zip(cuts, cuts[1:])]
+    row_mid = [(a + b) // 2 for a, b in zip(row_cuts, row_cuts[1:])] if row_seams else []
+    col_mid = [(a + b) // 2 for a, b in zip(col_cuts, col_cuts[1:])] if col_seams else []
+    return GridLines(row_seams, col_seams, row_cuts, col_cuts, row_mid, col_mid, min(extents))
+
+
 def block_contrast(maps: torch.Tensor, grid: TileGrid) -> tuple[float | None, float | None]:
     """(block contrast, off-seam step) of merged maps (N, H, W) of normal images (module doc);
     (None, None) when the grid has no seam (a single tile) or there is no normal image."""
-    row_seams, col_seams = grid.seams()
-    if len(maps) == 0 or not (row_seams or col_seams):
+    lines = grid_lines(grid, *maps.shape[-2:])
+    if len(maps) == 0 or lines is None:
         return None, None
     maps = maps.float()
-    height, width = maps.shape[-2:]
-    row_cuts, col_cuts = _cuts(row_seams, height), _cuts(col_seams, width)
-    extents = [b - a for cuts in (row_cuts, col_cuts) for a, b in zip(cuts, cuts[1:])]
-    band = max(1, int(min(extents) * BAND_FRACTION))
-    # midway lines of the cells on an axis that has seams (the control)
-    row_mid = [(a + b) // 2 for a, b in zip(row_cuts, row_cuts[1:])] if row_seams else []
-    col_mid = [(a + b) // 2 for a, b in zip(col_cuts, col_cuts[1:])] if col_seams else []
+    band = max(1, int(lines.smallest_cell * BAND_FRACTION))
     spread = _spread(maps)
     if spread <= 0:
         return 0.0, 0.0
-    on = line_steps(maps, row_seams, col_seams, row_cuts, col_cuts, band).mean()
-    off = line_steps(maps, row_mid, col_mid, row_cuts, col_cuts, band).mean()
+    on = line_steps(maps, lines.row_seams, lines.col_seams, lines.row_cuts, lines.col_cuts, band).mean()
+    off = line_steps(maps, lines.row_mid, lines.col_mid, lines.row_cuts, lines.col_cuts, band).mean()
     return float(on - off) / spread, float(off) / spread
 
 
@@ -96,21 +117,16 @@ def seam_ridge(maps: torch.Tensor, grid: TileGrid, spread: float | None = None) 
     """Seam ridge of merged maps (N, H, W) of normal images (module doc); None when the grid has no
     seam or there is no normal image. Linear in the maps: the mean map of the images gives the same
     value when ``spread`` (of all their pixels, :func:`map_spread`) is passed."""
-    row_seams, col_seams = grid.seams()
-    if len(maps) == 0 or not (row_seams or col_seams):
+    lines = grid_lines(grid, *maps.shape[-2:])
+    if len(maps) == 0 or lines is None:
         return None
     maps = maps.float()
-    height, width = maps.shape[-2:]
-    row_cuts, col_cuts = _cuts(row_seams, height), _cuts(col_seams, width)
-    extents = [b - a for cuts in (row_cuts, col_cuts) for a, b in zip(cuts, cuts[1:])]
-    half = max(1, min(extents) // 4)
-    row_mid = [(a + b) // 2 for a, b in zip(row_cuts, row_cuts[1:])] if row_seams else []
-    col_mid = [(a + b) // 2 for a, b in zip(col_cuts, col_cuts[1:])] if col_seams else []
+    half = max(1, lines.smallest_cell // 4)  # a quarter cell on each side: the two halves of a cell
     spread = map_spread(maps) if spread is None else spread
     if spread <= 0:
         return 0.0
-    on = band_means(maps, row_seams, col_seams, half).mean()
-    off = band_means(maps, row_mid, col_mid, half).mean()
+    on = band_means(maps, lines.row_seams, lines.col_seams, half).mean()
+    off = band_means(maps, lines.row_mid, lines.col_mid, half).mean()
     return float(on - off) / spread
 
 
