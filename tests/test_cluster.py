@@ -224,7 +224,7 @@ def test_a_lost_ray_node_costs_only_its_unfinished_slots(two_nodes, sequential, 
     assert ray_jobs(out)[lost]["node_ip"] == "127.0.0.2"
     shard_file = json.loads(next((out / "sweep").glob(f"*ensemble.shard={lost}*/shard.json")).read_text())
     assert shard_file["resumed_slots"] == 1 and shard_file["missing_slots"] == []
-    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential, SLOW)
+    evaluate_equals_sequential(out / "slots", tmp_path / "evaluate", sequential)
 
 
 @pytest.mark.cluster
