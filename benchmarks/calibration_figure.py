@@ -40,13 +40,13 @@ def mean_normal_map(cell: Path, calibration: str, window: str) -> dict:
         data = build_data(cfg, run.grid)
         run.merge = dataclasses.replace(run.merge, calibration=calibration, window=window)
         maps = run.engine(keep=True)(data.test.images[data.test.labels == 0]).maps
-        kept = {"mean": maps.mean(0), "block_contrast": block_contrast(maps, run.grid)[0], "spread": map_spread(maps),
-                "count": len(maps), "seams": run.grid.seams(), "grid": [list(run.grid.image_size),
-                                                                         list(run.grid.tile_size), list(run.grid.stride)]}
+        spread = map_spread(maps)
+        kept = {"mean": maps.mean(0), "block_contrast": block_contrast(maps, run.grid, spread)[0], "spread": spread,
+                "count": len(maps), "grid": [list(run.grid.image_size), list(run.grid.tile_size), list(run.grid.stride)]}
         torch.save(kept, saved)
+    grid = TileGrid.create(*kept["grid"])
     # linear in the maps: the mean map with the spread of all their pixels gives the ridge of the images
-    kept["seam_ridge"] = seam_ridge(kept["mean"][None], TileGrid.create(*kept["grid"]), kept["spread"])
-    return kept
+    return {**kept, "seams": grid.seams(), "seam_ridge": seam_ridge(kept["mean"][None], grid, kept["spread"])}
 
 
 def main() -> None:

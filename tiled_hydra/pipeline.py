@@ -27,7 +27,7 @@ from tiled_hydra.metrics import schema
 from tiled_hydra.metrics.bootstrap import PER_IMAGE_FILE, save_per_image
 from tiled_hydra.metrics.image import image_metrics
 from tiled_hydra.metrics.pixel import pixel_metrics
-from tiled_hydra.metrics.seams import block_contrast, seam_ridge
+from tiled_hydra.metrics.seams import tile_artefacts
 from tiled_hydra.reporting.maps import maps_format
 from tiled_hydra.reporting.overlays import write_overlays
 from tiled_hydra.reporting.results import write_region_recall_figure, write_test_predictions
@@ -267,8 +267,7 @@ def evaluate(cfg: DictConfig, run: Run, data: AnomalyData, run_dir: Path, record
         "merge_window": run.merge.window,
         "calibration_fitted_on": "validation normal images" if data.val is not None and bool((data.val.labels == 0).any())
         else "training images",
-        **dict(zip(("block_contrast", "block_contrast_off_seam"), block_contrast(test_maps[test.labels == 0], run.grid))),
-        "seam_ridge": seam_ridge(test_maps[test.labels == 0], run.grid),
+        **tile_artefacts(test_maps[test.labels == 0], run.grid),
         "num_models": len(run.store),
         "setup": str(cfg.setup.name),
         "model": str(cfg.model.name),

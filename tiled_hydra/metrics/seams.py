@@ -57,8 +57,9 @@ def line_steps(maps: torch.Tensor, row_lines: list[int], col_lines: list[int], r
     return torch.cat(steps) if steps else torch.zeros(0)
 
 
-def _spread(maps: torch.Tensor) -> float:
-    values = maps.flatten()
+def map_spread(maps: torch.Tensor) -> float:
+    """The maps' spread on normal pixels: 99th percentile - median of all their pixels."""
+    values = maps.float().flatten()
     values = values[:: math.ceil(values.numel() / _SAMPLE)]
     median, high = torch.quantile(values, torch.tensor([0.5, 0.99]))
     return float(high - median)
@@ -90,15 +91,16 @@ def grid_lines(grid: TileGrid, height: int, width: int) -> GridLines | None:
     return GridLines(row_seams, col_seams, row_cuts, col_cuts, row_mid, col_mid, min(extents))
 
 
-def block_contrast(maps: torch.Tensor, grid: TileGrid) -> tuple[float | None, float | None]:
+def block_contrast(maps: torch.Tensor, grid: TileGrid, spread: float | None = None) -> tuple[float | None, float | None]:
     """(block contrast, off-seam step) of merged maps (N, H, W) of normal images (module doc);
-    (None, None) when the grid has no seam (a single tile) or there is no normal image."""
+    (None, None) when the grid has no seam (a single tile) or there is no normal image. ``spread``:
+    :func:`map_spread` of the maps, when the caller has it already."""
     lines = grid_lines(grid, *maps.shape[-2:])
     if len(maps) == 0 or lines is None:
         return None, None
     maps = maps.float()
     band = max(1, int(lines.smallest_cell * BAND_FRACTION))
-    spread = _spread(maps)
+    spread = map_spread(maps) if spread is None else spread
     if spread <= 0:
         return 0.0, 0.0
     on = line_steps(maps, lines.row_seams, lines.col_seams, lines.row_cuts, lines.col_cuts, band).mean()
@@ -130,6 +132,10 @@ def seam_ridge(maps: torch.Tensor, grid: TileGrid, spread: float | None = None) 
     return float(on - off) / spread
 
 
-def map_spread(maps: torch.Tensor) -> float:
-    """The maps' spread on normal pixels: 99th percentile - median of all their pixels."""
-    return _spread(maps.float())
+def tile_artefacts(normal_maps: torch.Tensor, grid: TileGrid) -> dict:
+    """results.json's block_contrast, block_contrast_off_seam and seam_ridge of the merged maps of
+    the normal test images (the spread computed once)."""
+    spread = map_spread(normal_maps) if len(normal_maps) else None
+    contrast, off_seam = block_contrast(normal_maps, grid, spread)
+    return {"block_contrast": contrast, "block_contrast_off_seam": off_seam,
+            "seam_ridge": seam_ridge(normal_maps, grid, spread)}
